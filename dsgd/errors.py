@@ -1,0 +1,12 @@
+"""Errors a user can fix. The CLI prints their message on one line and exits with status 2."""
+
+
+class UserError(Exception):
+    """Bad input: a malformed config, a missing data path, an invalid topology, ...
+
+    The message must say what is wrong and what to do about it, in one line.
+    """
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite. The last good checkpoint is kept."""
