@@ -1,0 +1,136 @@
+"""Functional helpers shared by the metrics: a loss as a pure function of a parameter dict,
+and small tree operations on ``Params`` (dicts of tensors with the same keys).
+
+Every metric in ``dsgd.metrics`` takes ``loss_fn: Callable[[Params], Tensor]`` (a scalar), so it
+can be differentiated any number of times with ``torch.func`` (grad, jvp, vmap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dsgd._types import Params
+
+LossFn = Callable[[Params], Tensor]
+
+
+def make_loss_fn(
+    module: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    buffers: dict[str, Tensor] | None = None,
+    train_mode: bool = False,
+) -> LossFn:
+    """Return ``loss_fn(params) = loss(module(x; params, buffers), y)`` via ``functional_call``.
+
+    ``params`` need only hold the trainable parameters; ``buffers`` default to the module's own.
+    By default the module runs in eval mode, so BatchNorm uses its running statistics and the
+    loss is a deterministic function of the weights (what curvature metrics need). With
+    ``train_mode=True`` BatchNorm uses batch statistics; the buffers are then cloned on every
+    call, so the running statistics are never updated by a metric. The module's own
+    ``training`` flag is restored after each call.
+    """
+    if buffers is None:
+        buffers = dict(module.named_buffers())
+
+    def loss_fn(params: Params) -> Tensor:
+        bufs = {k: b.clone() for k, b in buffers.items()} if train_mode else buffers
+        was_training = module.training
+        module.train(train_mode)
+        try:
+            out = functional_call(module, {**bufs, **params}, (x,))
+        finally:
+            module.train(was_training)
+        return loss(out, y)
+
+    return loss_fn
+
+
+def module_params(module: nn.Module) -> Params:
+    """The module's trainable parameters, detached: ``{name: tensor}``."""
+    return {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
+
+
+# --- flat vectors ---------------------------------------------------------------------------
+
+
+def flatten(params: Params) -> Tensor:
+    """Concatenate the tensors of ``params`` (in key order) into one vector ``(P,)``."""
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unflatten(vec: Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten`: split ``vec`` ``(P,)`` into tensors shaped as ``like``."""
+    out, i = {}, 0
+    for k, p in like.items():
+        n = p.numel()
+        out[k] = vec[i : i + n].view_as(p)
+        i += n
+    if i != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} entries, the parameters {i}")
+    return out
+
+
+def flatten_stacked(stacked: dict[str, Tensor]) -> Tensor:
+    """``{name: (m, *shape)}`` -> ``(m, P)``, worker j's flattened weights in row j."""
+    return torch.cat([s.reshape(s.shape[0], -1) for s in stacked.values()], dim=1)
+
+
+# --- tree arithmetic ------------------------------------------------------------------------
+
+
+def tree_add(a: Params, b: Params, alpha: float = 1.0) -> Params:
+    """``a + alpha * b``, key by key."""
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def tree_scale(a: Params, c: float) -> Params:
+    return {k: c * a[k] for k in a}
+
+
+def tree_dot(a: Params, b: Params) -> Tensor:
+    """``<a, b>`` over all entries (a 0-dim tensor)."""
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def tree_norm(a: Params) -> float:
+    """Global Euclidean norm ``||a||`` over all entries."""
+    return float(torch.sqrt(sum(a[k].double().pow(2).sum() for k in a)))
+
+
+def tree_zeros_like(a: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def tree_mean(trees: list[Params]) -> Params:
+    """Entry-wise mean of a list of trees."""
+    return {k: torch.stack([t[k] for t in trees]).mean(0) for k in trees[0]}
+
+
+def tree_detach(a: Params) -> Params:
+    return {k: v.detach() for k, v in a.items()}
+
+
+def random_like(params: Params, generator: torch.Generator | None, kind: str = "normal") -> Params:
+    """A random tree shaped as ``params``: ``kind`` is ``"normal"`` or ``"rademacher"`` (+-1).
+
+    Draws on the generator's device (CPU by default) and moves the result to the parameters'.
+    """
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    out = {}
+    for k, p in params.items():
+        if kind == "normal":
+            r = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=gdev)
+        elif kind == "rademacher":
+            r = torch.randint(0, 2, p.shape, generator=generator, device=gdev).to(p.dtype)
+            r = 2 * r - 1
+        else:
+            raise ValueError(f"unknown kind {kind!r}; use 'normal' or 'rademacher'")
+        out[k] = r.to(p.device)
+    return out

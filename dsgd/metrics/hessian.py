@@ -1,0 +1,175 @@
+"""Curvature of a loss through Hessian-vector products; the Hessian H is never formed.
+
+All functions take ``loss_fn: Callable[[Params], Tensor]`` (see ``dsgd.metrics._func``) and
+differentiate it with ``torch.func``:
+
+    H v              = jvp(grad L)(w; v)                      (forward-over-reverse)
+    d^T H(w) d       = d^2/dt^2 L(w + t d) at t = 0           (forward-over-forward)
+    grad_w d^T H(w) d = grad of the above                     (third derivative L'''[d, d, .])
+
+The D-SGD quantities (Zhu et al., ICML 2023, main theorem) are the Xi-weighted trace
+Tr(H Xi) = (1/m) sum_j d_j^T H d_j and its gradient with Xi held fixed, the sharpness
+regularizer that D-SGD adds to the gradient of the averaged model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp
+
+from dsgd._types import Params, Stacked
+from dsgd.metrics._func import (
+    LossFn,
+    flatten,
+    random_like,
+    tree_dot,
+    tree_norm,
+    tree_scale,
+    tree_zeros_like,
+    unflatten,
+)
+
+
+def hvp(loss_fn: LossFn, params: Params, v: Params) -> Params:
+    """The Hessian-vector product ``H(w) v``, by forward-over-reverse differentiation."""
+    return jvp(grad(loss_fn), (params,), (v,))[1]
+
+
+def second_directional(loss_fn: LossFn, params: Params, d: Params) -> Tensor:
+    """``d^T H(w) d = d^2/dt^2 L(w + t d)|_{t=0}``, by two nested forward-mode jvps (0-dim)."""
+
+    def first(w: Params) -> Tensor:
+        return jvp(loss_fn, (w,), (d,))[1]
+
+    return jvp(first, (params,), (d,))[1]
+
+
+def hutchinson_trace(
+    loss_fn: LossFn,
+    params: Params,
+    num_samples: int = 100,
+    generator: torch.Generator | None = None,
+    probes: list[Params] | None = None,
+) -> tuple[float, float]:
+    """Hutchinson's estimate of Tr H: the mean of v^T H v over Rademacher probes v.
+
+    Returns ``(mean, stderr)``, stderr = std / sqrt(n) of the per-probe values. With explicit
+    ``probes`` the estimate is exact whenever (1/n) sum v v^T = I, e.g. the scaled basis
+    ``sqrt(P) e_i`` (stderr then measures spread, not error).
+    """
+    if probes is None:
+        probes = (random_like(params, generator, "rademacher") for _ in range(num_samples))
+    vals = torch.stack([tree_dot(v, hvp(loss_fn, params, v)).double() for v in probes])
+    n = vals.numel()
+    stderr = float(vals.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return float(vals.mean()), stderr
+
+
+def top_eigenvalue(
+    loss_fn: LossFn,
+    params: Params,
+    iters: int = 100,
+    tol: float = 1e-6,
+    generator: torch.Generator | None = None,
+) -> tuple[float, Params]:
+    """Power iteration on H: the eigenvalue of largest magnitude and a unit eigenvector.
+
+    This is lambda_max (the sharpness) when H's positive end dominates, as it does near a
+    minimum; if a negative eigenvalue is larger in magnitude, that one is returned (signed).
+    Stops when the Rayleigh quotient changes by less than ``tol`` relative, or after ``iters``.
+    """
+    v = random_like(params, generator, "normal")
+    v = tree_scale(v, 1.0 / tree_norm(v))
+    eig = float("nan")
+    for _ in range(iters):
+        hv = hvp(loss_fn, params, v)
+        new = float(tree_dot(v, hv))  # Rayleigh quotient, ||v|| = 1
+        nrm = tree_norm(hv)
+        if nrm == 0.0:
+            return 0.0, v
+        v = tree_scale(hv, 1.0 / nrm)
+        if abs(new - eig) <= tol * max(abs(new), 1e-30):
+            eig = new
+            break
+        eig = new
+    return eig, v
+
+
+def lanczos_top_k(
+    loss_fn: LossFn,
+    params: Params,
+    k: int,
+    iters: int = 50,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The k algebraically largest eigenvalues of H (descending, float64 ``(k,)``) by Lanczos.
+
+    ``iters`` Lanczos steps (capped at P) with full reorthogonalization in float64; the Ritz
+    values of the (iters x iters) tridiagonal matrix approximate H's extreme eigenvalues first.
+    """
+    flat0 = flatten(params)
+    p, dtype = flat0.numel(), flat0.dtype
+    n = min(iters, p)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, min(iters, P)={n}], got {k}")
+    q = flatten(random_like(params, generator, "normal")).double()
+    q = q / q.norm()
+    qs, alphas, betas = [q], [], []
+    for i in range(n):
+        w = flatten(hvp(loss_fn, params, unflatten(qs[-1].to(dtype), params))).double()
+        alphas.append(torch.dot(w, qs[-1]))
+        basis = torch.stack(qs)  # (i+1, P)
+        w = w - basis.T @ (basis @ w)  # full reorthogonalization, twice for stability
+        w = w - basis.T @ (basis @ w)
+        if i == n - 1:
+            break
+        b = w.norm()
+        if b < 1e-12 * max(1.0, float(torch.stack(alphas).abs().max())):
+            break  # invariant subspace found: the Ritz values are exact
+        betas.append(b)
+        qs.append(w / b)
+    a = torch.stack(alphas)
+    t = torch.diag(a)
+    if betas:
+        b = torch.stack(betas)
+        t = t + torch.diag(b, 1) + torch.diag(b, -1)
+    ev = torch.linalg.eigvalsh(t).flip(0)
+    if ev.numel() < k:
+        raise ValueError(f"Krylov space has dimension {ev.numel()} < k={k}; use another start")
+    return ev[:k]
+
+
+def _worker(devs: Stacked, j: int) -> Params:
+    return {name: d[j] for name, d in devs.items()}
+
+
+def xi_weighted_trace(loss_fn: LossFn, w_a: Params, devs: Stacked) -> float:
+    """``Tr(H(w_a) Xi) = (1/m) sum_j d_j^T H(w_a) d_j`` with ``devs = {name: (m, *shape)}``.
+
+    Xi = (1/m) sum_j d_j d_j^T is the consensus covariance (Zhu et al., ICML 2023); one
+    second directional derivative per worker, Xi is never formed.
+    """
+    m = next(iter(devs.values())).shape[0]
+    total = sum(float(second_directional(loss_fn, w_a, _worker(devs, j))) for j in range(m))
+    return total / m
+
+
+def grad_xi_weighted_trace(loss_fn: LossFn, w_a: Params, devs: Stacked) -> Params:
+    """``grad_w [ (1/2) Tr(H(w) Xi) ]`` at ``w = w_a``, with Xi (the deviations) held fixed.
+
+    Equals (1/m) sum_j (1/2) grad_w (d_j^T H(w) d_j) = (1/(2m)) sum_j L'''(w_a)[d_j, d_j, .],
+    the second-order term of (1/m) sum_j grad L(w_a + d_j) around w_a, i.e. the gradient of the
+    sharpness regularizer that D-SGD implicitly descends (Zhu et al., ICML 2023). Exact: reverse
+    mode over two nested forward-mode jvps, one worker at a time (memory of one).
+    Zero for a quadratic loss.
+    """
+    m = next(iter(devs.values())).shape[0]
+    out = tree_zeros_like(w_a)
+    for j in range(m):
+        d = _worker(devs, j)
+        g = grad(lambda w, d=d: second_directional(loss_fn, w, d))(w_a)
+        out = {k: out[k] + g[k].detach() for k in out}
+    return tree_scale(out, 0.5 / m)
