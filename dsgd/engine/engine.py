@@ -1,0 +1,263 @@
+"""The D-SGD / C-SGD engine: m workers of any nn.Module, written once against a communicator.
+
+Update rules (Zhu et al., ICML 2023, Sec. 2; Lian et al. 2017):
+
+    D-SGD:  w_j(t+1) = sum_k P(t)[j, k] w_k(t) - eta_t * u_j(t)
+    C-SGD:  w(t+1)   = w(t) - eta_t * u(t),  with the gradient averaged over all m workers
+
+where u_j is the optimizer's direction (the plain gradient for momentum-free SGD) computed from
+the gradient of worker j's own mini-batch loss *at its pre-gossip weights*. Local SGD is D-SGD
+that gossips only every ``gossip_every`` steps (on ``complete`` it averages).
+
+State lives in flat tensors: parameters ``w`` of shape (m_local, P), floating buffers ``b`` of
+shape (m_local, Pb) (BatchNorm running statistics). The communicator decides how many workers
+are hosted here (all of them in one process; one or a block per rank under torchrun).
+
+BatchNorm buffers: ``buffers="gossip"`` (default) mixes the running statistics with the same
+matrix as the weights (C-SGD averages them), so the averaged model's statistics are the average
+of the workers'; ``buffers="local"`` keeps each worker's own, as the paper's code did (its
+evaluated model used worker 0's statistics). Integer buffers (``num_batches_tracked``) stay local.
+
+Gradient strategies: ``"vmap"`` computes all workers' gradients in one
+``torch.func.vmap(torch.func.grad(...))`` call; ``"loop"`` runs one forward/backward per worker.
+``"auto"`` picks vmap for models without convolutions on CPU and for every model on GPU, loop
+otherwise (on CPU a conv net is compute-bound, and a loop keeps its working set small).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from dsgd._types import Params, Stacked
+from dsgd.engine.comm import Communicator, LocalCommunicator
+from dsgd.engine.layout import Layout
+from dsgd.errors import TrainingDiverged
+from dsgd.optim.schedule import Schedule, constant
+from dsgd.optim.sgd import SGD
+from dsgd.topology import Topology
+
+ALGORITHMS = ("dsgd", "csgd")
+STRATEGIES = ("auto", "vmap", "loop")
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # (m_local,) each worker's mini-batch loss, before the update
+    accuracy: Tensor  # (m_local,) each worker's mini-batch accuracy (NaN if not classification)
+    lr: float
+
+
+def _is_conv(model: nn.Module) -> bool:
+    return any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        topology: Topology | None = None,
+        *,
+        comm: Communicator | None = None,
+        optimizer: Any = None,
+        lr: float | Schedule = 0.1,
+        algorithm: str = "dsgd",
+        gossip_every: int = 1,
+        buffers: str = "gossip",
+        strategy: str = "auto",
+        loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        gradient_rule: Any = None,
+        seed: int = 0,
+    ):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if buffers not in ("gossip", "local"):
+            raise ValueError(f"buffers must be 'gossip' or 'local', got {buffers!r}")
+        if gossip_every < 1:
+            raise ValueError(f"gossip_every must be >= 1, got {gossip_every}")
+        if comm is None:
+            if topology is None:
+                raise ValueError("give a topology (or a communicator)")
+            comm = LocalCommunicator(topology)
+        self.model = model
+        self.comm = comm
+        self.optimizer = optimizer if optimizer is not None else SGD()
+        self.lr = lr if callable(lr) else constant(float(lr))
+        self.algorithm, self.gossip_every, self.buffer_mode = algorithm, gossip_every, buffers
+        self.loss = loss
+        self.gradient_rule = gradient_rule
+        self.generator = torch.Generator().manual_seed(seed)
+        m_local = len(comm.workers)
+
+        # Every worker starts from the model's weights (consensus distance 0 at t=0).
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        float_bufs = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+        self.layout = Layout(params)
+        self.buffer_layout = Layout(float_bufs)
+        self.w = self.layout.flatten(params).repeat(m_local, 1)  # (m_local, P)
+        self.b = (self.buffer_layout.flatten(float_bufs).repeat(m_local, 1) if float_bufs
+                  else self.w.new_zeros(m_local, 0))  # (m_local, Pb)
+        self.int_buffers = {n: b.detach().clone().repeat(m_local, *[1] * b.ndim)
+                            for n, b in model.named_buffers() if not b.is_floating_point()}
+        self.opt_state = self.optimizer.init({"w": self.w})
+        self.step_count = 0
+
+        device_is_gpu = self.w.device.type != "cpu"
+        if strategy == "auto":
+            strategy = "vmap" if device_is_gpu or not _is_conv(model) else "loop"
+        self.strategy = strategy
+        self._vmapped = vmap(grad(self._worker_loss, has_aux=True))
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        return self.comm.m
+
+    @property
+    def params(self) -> Stacked:
+        """{name: (m_local, *shape)}, views into the flat weights."""
+        return self.layout.views(self.w)
+
+    @property
+    def buffers(self) -> Stacked:
+        bufs = self.buffer_layout.views(self.b) if self.buffer_layout.names else {}
+        return {**bufs, **self.int_buffers}
+
+    def average_state(self) -> Params:
+        """The averaged model w_a = (1/m) sum_j w_j (and averaged float buffers), as a state dict."""
+        state = self.layout.views(self.comm.mean(self.w)[0])
+        if self.buffer_layout.names:
+            state.update(self.buffer_layout.views(self.comm.mean(self.b)[0]))
+        state.update({n: v[0] for n, v in self.int_buffers.items()})
+        return state
+
+    def worker_state(self, j: int) -> Params:
+        """Worker j's own weights and buffers (j indexes the workers hosted here)."""
+        state = self.layout.views(self.w[j])
+        if self.buffer_layout.names:
+            state.update(self.buffer_layout.views(self.b[j]))
+        state.update({n: v[j] for n, v in self.int_buffers.items()})
+        return state
+
+    def module(self, state: Params) -> nn.Module:
+        """A copy of the model holding ``state`` (e.g. ``engine.module(engine.average_state())``)."""
+        mod = copy.deepcopy(self.model)
+        mod.load_state_dict({n: t.clone() for n, t in state.items()}, strict=False)
+        return mod
+
+    def consensus_distance(self) -> float:
+        """Tr Xi = (1/m) sum_j ||w_j - w_a||^2 over all m workers."""
+        dev = self.w - self.comm.mean(self.w)
+        return float(self.comm.mean((dev * dev).sum(1, keepdim=True))[0, 0])
+
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs; loadable with torch.load(weights_only=True)."""
+        return {
+            "step": self.step_count,
+            "w": self.w,
+            "b": self.b,
+            "int_buffers": self.int_buffers,
+            "opt_state": dict(self.opt_state._asdict()),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["w"].shape != self.w.shape:
+            raise ValueError(f"checkpoint holds weights of shape {tuple(state['w'].shape)}, "
+                             f"this engine {tuple(self.w.shape)}: different model or workers")
+        self.step_count = int(state["step"])
+        self.w = state["w"].to(self.w)
+        self.b = state["b"].to(self.b)
+        self.int_buffers = {n: t.to(self.int_buffers[n].device)
+                            for n, t in state["int_buffers"].items()}
+        self.opt_state = type(self.opt_state)(**state["opt_state"])
+        self.generator.set_state(state["generator"])
+
+    # ---- gradients ---------------------------------------------------------------------------
+    def _worker_loss(self, p: Params, b: Params, x: Tensor, y: Tensor):
+        out = functional_call(self.model, {**p, **b}, (x,))
+        loss = self.loss(out, y)
+        if out.ndim == 2 and not y.is_floating_point():
+            acc = (out.argmax(-1) == y).float().mean()
+        else:
+            acc = torch.full((), float("nan"))
+        return loss, (loss.detach(), acc.detach())
+
+    def gradients(self, w: Tensor, x: Tensor, y: Tensor, update_buffers: bool = True):
+        """Each worker's mini-batch gradient at its weights: (m_local, P) -> (m_local, P).
+
+        Returns ``(grads, loss, accuracy)``. BatchNorm running statistics are updated in place
+        when ``update_buffers`` (the first gradient of a step), left alone otherwise.
+        """
+        b = self.b if update_buffers else self.b.clone()
+        ints = self.int_buffers if update_buffers else {n: v.clone()
+                                                        for n, v in self.int_buffers.items()}
+        bufs = {**(self.buffer_layout.views(b) if self.buffer_layout.names else {}), **ints}
+        self.model.train()
+        if self.strategy == "vmap":
+            # BatchNorm's in-place update of its running statistics does not reach strided
+            # views under vmap: hand it contiguous copies and write them back.
+            own = {n: v.clone() for n, v in bufs.items()}
+            g, (loss, acc) = self._vmapped(self.layout.views(w), own, x, y)
+            for n, v in bufs.items():
+                v.copy_(own[n])
+            return self.layout.flatten(g, batch_dims=1), loss, acc
+        grads = torch.empty_like(w)
+        losses, accs = [], []
+        views = self.layout.views(w)
+        for j in range(w.shape[0]):
+            p = {n: v[j].detach().requires_grad_() for n, v in views.items()}
+            loss, (_, acc) = self._worker_loss(p, {n: v[j] for n, v in bufs.items()}, x[j], y[j])
+            gs = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
+            torch.cat([gi.reshape(-1) for gi in gs], out=grads[j])
+            losses.append(loss.detach())
+            accs.append(acc)
+        return grads, torch.stack(losses), torch.stack(accs)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self, x: Tensor, y: Tensor) -> StepResult:
+        """One iteration on a batch x: (m_local, B, ...), y: (m_local, B)."""
+        t = self.step_count
+        lr = float(self.lr(t))
+        x, y = x.to(self.w.device), y.to(self.w.device)
+        grads, loss, acc = self.gradients(self.w, x, y)
+        if not torch.isfinite(loss).all():
+            bad = [self.comm.workers[j] for j in torch.nonzero(~torch.isfinite(loss)).flatten()]
+            raise TrainingDiverged(f"loss is {loss[~torch.isfinite(loss)][0].item()} at step {t} "
+                                   f"on worker(s) {bad[:8]}: lower the learning rate "
+                                   f"(now {lr:g}) or add warmup")
+        if self.gradient_rule is not None:
+            grads = self._apply_rule(grads, x, y)
+        if self.algorithm == "csgd":
+            grads = self.comm.mean(grads)
+        updates, self.opt_state = self.optimizer.update({"w": grads}, self.opt_state,
+                                                        {"w": self.w}, lr)
+        gossip = self.algorithm == "dsgd" and (t + 1) % self.gossip_every == 0
+        self.w = (self.comm.mix(self.w, t) if gossip else self.w) - updates["w"]
+        if self.buffer_mode == "gossip" and self.b.shape[1]:
+            if gossip:
+                self.b = self.comm.mix(self.b, t)
+            elif self.algorithm == "csgd":
+                self.b = self.comm.mean(self.b)
+        self.step_count += 1
+        return StepResult(loss=loss, accuracy=acc, lr=lr)
+
+    def _apply_rule(self, grads: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Hand the gradient to a SAM-family rule, which may evaluate more gradients."""
+        lay = self.layout
+
+        def grad_fn(params: Stacked) -> Stacked:
+            return lay.views(self.gradients(lay.flatten(params, 1), x, y, update_buffers=False)[0])
+
+        out = self.gradient_rule(grad_fn, lay.views(self.w), lay.views(grads),
+                                 generator=self.generator)
+        return lay.flatten(out, batch_dims=1)

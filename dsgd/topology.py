@@ -1,0 +1,254 @@
+"""Communication topologies as data: m x m doubly stochastic mixing matrices.
+
+Row j of a mixing matrix P holds the weights worker j gives to every worker when it gossips:
+``w_j <- sum_k P[j, k] w_k``. The generators below reproduce the paper's topologies (Zhu et al.,
+ICML 2023, and the code it builds on) and the usual ones of the decentralized-SGD literature.
+``validate`` checks a matrix once; ``spectral_gap`` is ``1 - |lambda_2(P)|``.
+
+A :class:`Topology` is a matrix *schedule* ``step -> P(step)``: static matrices, time-varying ones
+(one-peer exponential) and the random-permutation wrapper ``P' = Pi^T P Pi`` are all topologies.
+Every schedule is a pure function of the step, so any process can rebuild any step's matrix
+(needed for resuming and for the distributed engine).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import torch
+
+from dsgd._types import MixingMatrix
+from dsgd.errors import UserError
+
+
+class TopologyError(UserError):
+    """A mixing matrix that is not square, not doubly stochastic, negative or disconnected."""
+
+
+def _tensor(a) -> MixingMatrix:
+    return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+
+def _check_m(m: int, least: int = 1) -> None:
+    if not isinstance(m, int) or m < least:
+        raise TopologyError(f"number of workers must be an integer >= {least}, got {m!r}")
+
+
+def _circulant(m: int, offsets: list[int]) -> MixingMatrix:
+    """P[i, (i + o) % m] += 1/len(offsets) for each offset (offset 0 is the worker itself)."""
+    P = np.zeros((m, m))
+    for i in range(m):
+        for o in offsets:
+            P[i, (i + o) % m] += 1.0 / len(offsets)
+    return _tensor(P)
+
+
+def ring(m: int) -> MixingMatrix:
+    """Ring: 1/3 to self and to each of the two neighbours (the paper's ring)."""
+    _check_m(m)
+    if m <= 2:
+        return complete(m)
+    return _circulant(m, [0, 1, -1])
+
+
+def exponential(m: int) -> MixingMatrix:
+    """Static exponential graph: i -> {i, i+1, i+2, i+4, ...} (mod m), equal weights.
+
+    Circulant and not symmetric, as in the paper's code: for m=16, i -> {i, i+1, i+2, i+4, i+8},
+    each 1/5, |lambda_2| = 0.600.
+    """
+    _check_m(m)
+    offsets = [0] + [2**k for k in range(int(math.log2(m - 1)) + 1)] if m > 1 else [0]
+    return _circulant(m, offsets)
+
+
+def one_peer_exponential(m: int, t: int) -> MixingMatrix:
+    """Time-varying one-peer exponential graph (Ying et al. 2021): at step t, worker i averages
+    with worker i + 2^(t mod log2 m), weights 1/2 each. For m a power of two, log2(m) consecutive
+    steps multiply to exact averaging."""
+    _check_m(m)
+    if m == 1:
+        return complete(1)
+    tau = max(1, math.ceil(math.log2(m)))
+    return _circulant(m, [0, 2 ** (t % tau)])
+
+
+def complete(m: int) -> MixingMatrix:
+    """Complete graph, 1/m everywhere: one gossip step is exact averaging (C-SGD up to numerics)."""
+    _check_m(m)
+    return torch.full((m, m), 1.0 / m, dtype=torch.float64)
+
+
+def from_networkx(graph: nx.Graph) -> MixingMatrix:
+    """Metropolis-Hastings weights on an undirected graph: P[i,j] = 1 / (1 + max(deg_i, deg_j))
+    for each edge (self counted in the degree, as the paper's grid), the rest on the diagonal."""
+    nodes = list(graph.nodes)
+    index = {v: i for i, v in enumerate(nodes)}
+    m = len(nodes)
+    _check_m(m)
+    deg = {v: sum(1 for u in graph.neighbors(v) if u != v) for v in nodes}
+    P = np.zeros((m, m))
+    for u, v in graph.edges:
+        if u == v:
+            continue
+        w = 1.0 / (1 + max(deg[u], deg[v]))
+        P[index[u], index[v]] = P[index[v], index[u]] = w
+    P[np.diag_indices(m)] = 1.0 - P.sum(axis=1)
+    return _tensor(P)
+
+
+def from_adjacency(adjacency) -> MixingMatrix:
+    """Metropolis-Hastings weights from a symmetric 0/1 adjacency matrix (see from_networkx)."""
+    A = np.asarray(adjacency)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise TopologyError(f"adjacency must be a square matrix, got shape {A.shape}")
+    if not np.array_equal(A != 0, (A != 0).T):
+        raise TopologyError("adjacency must be symmetric (an undirected graph)")
+    return from_networkx(nx.from_numpy_array((A != 0).astype(int)))
+
+
+def _grid_shape(m: int) -> tuple[int, int]:
+    rows = int(math.isqrt(m))
+    while m % rows:
+        rows -= 1
+    return rows, m // rows
+
+
+def grid(m: int, rows: int | None = None) -> MixingMatrix:
+    """2-D grid without wraparound, Metropolis weights (the paper's grid; 4x4 for m=16)."""
+    _check_m(m)
+    rows = rows or _grid_shape(m)[0]
+    if m % rows:
+        raise TopologyError(f"grid: {m} workers do not fill {rows} rows")
+    return from_networkx(nx.convert_node_labels_to_integers(nx.grid_2d_graph(rows, m // rows)))
+
+
+def torus(m: int, rows: int | None = None) -> MixingMatrix:
+    """2-D torus (grid with wraparound), Metropolis weights (1/5 each for sides >= 3)."""
+    _check_m(m)
+    rows = rows or _grid_shape(m)[0]
+    if m % rows:
+        raise TopologyError(f"torus: {m} workers do not fill {rows} rows")
+    g = nx.grid_2d_graph(rows, m // rows, periodic=True)
+    return from_networkx(nx.convert_node_labels_to_integers(g))
+
+
+def star(m: int) -> MixingMatrix:
+    """Star with worker 0 at the centre, Metropolis weights."""
+    _check_m(m)
+    return from_networkx(nx.star_graph(m - 1)) if m > 1 else complete(1)
+
+
+def random_regular(m: int, d: int, seed: int = 0) -> MixingMatrix:
+    """Random d-regular graph (networkx, seeded), Metropolis weights 1/(d+1)."""
+    _check_m(m, 2)
+    if d >= m or (m * d) % 2:
+        raise TopologyError(f"random_regular: need d < m and m*d even, got m={m}, d={d}")
+    g = nx.random_regular_graph(d, m, seed=seed)
+    if not nx.is_connected(g):
+        raise TopologyError(f"random_regular(m={m}, d={d}, seed={seed}) is disconnected; "
+                            "try another seed or a larger d")
+    return from_networkx(g)
+
+
+def validate(P, name: str = "mixing matrix", atol: float = 1e-6,
+             connected: bool = True) -> MixingMatrix:
+    """Return P as a float64 tensor, or raise TopologyError saying what is wrong with it.
+
+    Checks: square, finite, non-negative, rows and columns sum to 1 (doubly stochastic, so gossip
+    preserves the workers' mean), and the graph of non-zero weights is connected (so consensus is
+    reached). A time-varying topology need only be connected over a window of steps: pass
+    ``connected=False`` for one step and validate the window's sum.
+    """
+    P = torch.as_tensor(P, dtype=torch.float64)
+    if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] == 0:
+        raise TopologyError(f"{name} must be a non-empty square m x m matrix, got {tuple(P.shape)}")
+    if not torch.isfinite(P).all():
+        raise TopologyError(f"{name} has NaN or infinite entries")
+    if (P < -atol).any():
+        raise TopologyError(f"{name} has negative weights (min {P.min().item():.3g})")
+    rows, cols = P.sum(1), P.sum(0)
+    if not torch.allclose(rows, torch.ones_like(rows), atol=atol):
+        j = int((rows - 1).abs().argmax())
+        raise TopologyError(f"{name} is not doubly stochastic: row {j} sums to "
+                            f"{rows[j].item():.6g}, every row must sum to 1")
+    if not torch.allclose(cols, torch.ones_like(cols), atol=atol):
+        j = int((cols - 1).abs().argmax())
+        raise TopologyError(f"{name} is not doubly stochastic: column {j} sums to "
+                            f"{cols[j].item():.6g}, every column must sum to 1")
+    g = nx.from_numpy_array(((P + P.T) > atol).numpy().astype(int))
+    if connected and not nx.is_connected(g):
+        parts = nx.number_connected_components(g)
+        raise TopologyError(f"{name} is disconnected ({parts} components): workers in different "
+                            "components never reach consensus")
+    return P
+
+
+def second_eigenvalue(P) -> float:
+    """|lambda_2(P)|: the second largest eigenvalue modulus (P need not be symmetric)."""
+    ev = np.sort(np.abs(np.linalg.eigvals(np.asarray(P, dtype=np.float64))))[::-1]
+    return float(ev[1]) if len(ev) > 1 else 0.0
+
+
+def spectral_gap(P) -> float:
+    """1 - |lambda_2(P)|: how fast gossip contracts the workers towards their mean."""
+    return 1.0 - second_eigenvalue(P)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A mixing-matrix schedule: ``matrix(step)`` is the (m, m) matrix used at that step."""
+
+    name: str
+    m: int
+    schedule: Callable[[int], MixingMatrix]
+    time_varying: bool = False
+
+    def matrix(self, step: int = 0) -> MixingMatrix:
+        return self.schedule(step)
+
+    @classmethod
+    def static(cls, name: str, P) -> Topology:
+        P = validate(P, name)
+        return cls(name, P.shape[0], lambda step: P)
+
+
+def permuted(topology: Topology, seed: int = 0) -> Topology:
+    """Random shuffle (the paper's option): P'(t) = Pi_t^T P(t) Pi_t with a fresh random
+    permutation Pi_t each step, drawn from a generator seeded by (seed, t)."""
+
+    def schedule(step: int) -> MixingMatrix:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        perm = torch.randperm(topology.m, generator=g)
+        return topology.matrix(step)[perm][:, perm]
+
+    return Topology(f"{topology.name}+shuffle", topology.m, schedule, time_varying=True)
+
+
+STATIC = {
+    "ring": ring, "grid": grid, "torus": torus, "exponential": exponential,
+    "complete": complete, "star": star,
+}
+NAMES = sorted([*STATIC, "one_peer_exponential", "random_regular"])
+
+
+def make_topology(name: str, m: int, *, shuffle: bool = False, seed: int = 0,
+                  degree: int = 4) -> Topology:
+    """Build a topology by name (the config/CLI entry point); ``shuffle`` adds ``permuted``."""
+    if name in STATIC:
+        topo = Topology.static(name, STATIC[name](m))
+    elif name == "one_peer_exponential":
+        window = [one_peer_exponential(m, t) for t in range(max(1, math.ceil(math.log2(m))))]
+        for P in window:
+            validate(P, name, connected=False)
+        validate(sum(window) / len(window), f"{name} over {len(window)} steps")
+        topo = Topology(name, m, lambda t: one_peer_exponential(m, t), time_varying=True)
+    elif name == "random_regular":
+        topo = Topology.static(name, random_regular(m, degree, seed))
+    else:
+        raise TopologyError(f"unknown topology {name!r}; choose one of {', '.join(NAMES)}")
+    return permuted(topo, seed) if shuffle else topo
