@@ -1,0 +1,143 @@
+"""Per-worker mini-batches for m simulated workers, drawn together as one stacked batch.
+
+Worker j sweeps its own shard in a fresh random order every epoch, B samples per step; a
+partial batch at the end of an epoch is dropped (as DataLoader(drop_last=True) does), so every
+step gives every worker exactly B samples. Shards may have unequal lengths (a Dirichlet
+partition): each worker then starts its next epoch on its own schedule.
+
+All workers are served at once: one (m, L) tensor of random keys is argsorted into m
+permutations (padding sorts last), and a batch is one gather. The loader's whole state is a
+generator, the current permutations and per-worker positions, so a checkpoint taken with
+state_dict() and restored with load_state_dict() continues with exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from dsgd.errors import UserError
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]  # (m, B, *S) -> (m, B, *S)
+
+
+class WorkerLoader:
+    """Infinite stream of stacked per-worker batches.
+
+    x: (N, *sample_shape) training inputs, y: (N,) labels; they may live on any device.
+    parts: m index tensors into x, one shard per worker (see partition.py).
+    batch_size: B, per worker. seed: seeds the shuffles and the augmentation.
+    augment: optional f(x, generator) applied to every batch, e.g. augment.crop_flip.
+
+    next_batch() (or next(loader)) returns (x, y) with x (m, B, *sample_shape) and y (m, B).
+    Iteration never ends: take loader.steps_per_epoch batches for one epoch.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,  # (N, *sample_shape)
+        y: Tensor,  # (N,)
+        parts: Sequence[Tensor],
+        batch_size: int,
+        seed: int = 0,
+        augment: Augment | None = None,
+    ):
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        if len(parts) < 1:
+            raise UserError("the partition is empty; need at least one worker")
+        lengths = torch.tensor([len(p) for p in parts], dtype=torch.int64)  # (m,)
+        if batch_size < 1 or int(lengths.min()) < batch_size:
+            raise UserError(
+                f"batch size {batch_size} per worker needs every shard to hold at least that "
+                f"many samples, but the smallest holds {int(lengths.min())}; lower the batch "
+                "size or use fewer workers (or a larger Dirichlet alpha)"
+            )
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.augment = augment
+        self.lengths = lengths
+        # (m, L_max) dataset indices of each shard; the padding is never read.
+        self.shards = torch.nn.utils.rnn.pad_sequence(
+            [torch.as_tensor(p, dtype=torch.int64).cpu() for p in parts], batch_first=True
+        )
+        if len(x) and (self.shards.min() < 0 or self.shards.max() >= len(x)):
+            raise UserError(f"the partition indexes outside the {len(x)} training samples")
+        m, width = self.shards.shape
+        self._valid = torch.arange(width) < lengths.view(m, 1)  # (m, L_max)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.empty(m, width, dtype=torch.int64)  # (m, L_max) current permutations
+        self.pos = torch.zeros(m, dtype=torch.int64)  # (m,) next position in each permutation
+        self.epochs = torch.zeros(m, dtype=torch.int64)  # (m,) epoch each worker is in
+        self._shuffle(torch.ones(m, dtype=torch.bool))
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Full batches in one sweep of the smallest shard."""
+        return int((self.lengths // self.batch_size).min())
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed by the slowest worker (all workers agree when shards are equal)."""
+        return int(self.epochs.min())
+
+    def _shuffle(self, rows: Tensor) -> None:
+        """Draw a fresh permutation for the workers where rows (m,) is True."""
+        keys = torch.rand(int(rows.sum()), self.shards.shape[1], generator=self.generator)
+        keys = keys.masked_fill(~self._valid[rows], 2.0)  # padding sorts after every real key
+        self.order[rows] = keys.argsort(dim=1)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """Returns x (m, B, *sample_shape) and y (m, B): worker j's next B samples."""
+        b = self.batch_size
+        done = self.pos + b > self.lengths  # (m,) workers whose epoch is used up
+        if bool(done.any()):
+            self._shuffle(done)
+            self.pos[done] = 0
+            self.epochs[done] += 1
+        slots = self.order.gather(1, self.pos.view(-1, 1) + torch.arange(b))  # (m, B)
+        idx = self.shards.gather(1, slots)  # (m, B) dataset indices
+        self.pos += b
+        idx = idx.to(self.x.device)
+        xb, yb = self.x[idx], self.y[idx]  # (m, B, *S), (m, B)
+        if self.augment is not None:
+            xb = self.augment(xb, self.generator)
+        return xb, yb
+
+    def __iter__(self) -> WorkerLoader:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue with the same batches: the generator state, the
+        current permutations, positions and epochs. Plain tensors and ints."""
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order.clone(),
+            "pos": self.pos.clone(),
+            "epochs": self.epochs.clone(),
+            "lengths": self.lengths.clone(),
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict() taken from a loader over the same partition and batch size."""
+        if state["batch_size"] != self.batch_size or not torch.equal(
+            state["lengths"], self.lengths
+        ):
+            raise UserError(
+                "the data loader checkpoint was taken with another partition or batch size; "
+                "resume with the same workers, partition and batch size"
+            )
+        self.generator.set_state(state["generator"])
+        self.order.copy_(state["order"])
+        self.pos.copy_(state["pos"])
+        self.epochs.copy_(state["epochs"])

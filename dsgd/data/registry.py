@@ -1,0 +1,153 @@
+"""Datasets by name: `load_dataset("cifar10", "/data/cifar", n_train=1000, image_size=56)`.
+
+Two datasets are generated rather than read: "mnist1d" (Greydanus 2020, via the `mnist1d`
+package, no download) and "synthetic" (seeded Gaussian clusters, for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from dsgd.data.dataset import Dataset, first, resize
+from dsgd.data.readers import read_cifar10, read_cifar100, read_fashion_mnist, read_tiny_imagenet
+from dsgd.errors import UserError
+
+
+def make_synthetic(
+    *,
+    n_train: int = 2048,
+    n_test: int = 512,
+    num_classes: int = 10,
+    shape: tuple[int, ...] = (3, 8, 8),
+    separation: float = 3.0,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> Dataset:
+    """Gaussian clusters: class c has mean mu_c ~ N(0, (separation^2 / D) I), D = prod(shape),
+    and a sample is mu_y + N(0, I). The expected distance between two class means is
+    separation * sqrt(2) whatever D is, so difficulty does not change with the shape.
+
+    Labels are balanced (i mod num_classes, shuffled). Train and test come from one seeded
+    generator. Returns x as (N, *shape) float32, y as (N,) int64.
+    """
+    if num_classes < 2 or n_train < 1 or n_test < 1:
+        raise UserError(
+            f"synthetic needs num_classes >= 2, n_train >= 1, n_test >= 1; got {num_classes}, "
+            f"{n_train}, {n_test}"
+        )
+    shape = tuple(int(s) for s in shape)
+    g = torch.Generator().manual_seed(seed)
+    dim = int(np.prod(shape))
+    means = torch.randn(num_classes, dim, generator=g) * (separation / dim**0.5)  # (K, D)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]  # (n,)
+        x = means[y] + torch.randn(n, dim, generator=g)  # (n, D)
+        return x.view(n, *shape), y
+
+    x_train, y_train = draw(n_train)
+    x_test, y_test = draw(n_test)
+    if image_size is not None:
+        x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
+    return Dataset(x_train, y_train, x_test, y_test, num_classes, "synthetic")
+
+
+def make_mnist1d(
+    *,
+    num_samples: int = 5000,
+    seed: int = 42,
+    n_train: int | None = None,
+    n_test: int | None = None,
+) -> Dataset:
+    """MNIST-1D generated locally with the `mnist1d` package's default arguments (80/20 split).
+
+    `make_dataset` standardizes the whole set to mean 0, std 1; that is kept. It reseeds
+    Python's and NumPy's global generators, so their states are restored afterwards.
+    Returns x as (N, 1, 40) float32 (one channel, for Conv1d; flatten for an MLP), y as
+    (N,) int64, 10 classes. The defaults give 4000 train / 1000 test samples.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise UserError(
+            "mnist1d is not installed: pip install mnist1d (or pip install 'dsgd[mnist1d]')"
+        ) from None
+    args = get_dataset_args()
+    args.num_samples, args.seed = int(num_samples), int(seed)
+    if args.num_samples < 10:
+        raise UserError(f"mnist1d needs num_samples >= 10 (one per class), got {num_samples}")
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        d = make_dataset(args)  # never get_dataset(): it tries to download
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    k_train = first(n_train, "n_train", len(d["y"]))
+    k_test = first(n_test, "n_test", len(d["y_test"]))
+
+    def as_x(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.float32)).unsqueeze(1)  # (N, 1, 40)
+
+    def as_y(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.int64))
+
+    return Dataset(
+        as_x(d["x"][:k_train]), as_y(d["y"][:k_train]),
+        as_x(d["x_test"][:k_test]), as_y(d["y_test"][:k_test]),
+        10, "mnist1d",
+    )
+
+
+# name -> (loader, whether it reads files)
+DATASETS: dict[str, tuple[Callable[..., Dataset], bool]] = {
+    "fashion-mnist": (read_fashion_mnist, True),
+    "mnist1d": (make_mnist1d, False),
+    "cifar10": (read_cifar10, True),
+    "cifar100": (read_cifar100, True),
+    "tiny-imagenet": (read_tiny_imagenet, True),
+    "synthetic": (make_synthetic, False),
+}
+
+DEFAULT_ROOT = "/usr/share/datasets"  # data_dir defaults to DEFAULT_ROOT/<name>
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    *,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    image_size: int | None = None,
+    **kw,
+) -> Dataset:
+    """Load a dataset by name; see DATASETS for the names.
+
+    data_dir: where a file-based dataset lives (default /usr/share/datasets/<name>); ignored by
+    the generated ones. n_train / n_test: keep only the first N samples (for quick runs).
+    image_size: resize images to image_size x image_size (the paper trains CIFAR at 56).
+    Other keywords go to the dataset (e.g. seed, num_samples for mnist1d; shape, num_classes,
+    seed for synthetic). Returns a Dataset; x is (N, *sample_shape) float32, y is (N,) int64.
+    """
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    loader, reads_files = DATASETS[name]
+    options = {"n_train": n_train, "n_test": n_test, "image_size": image_size}
+    options = {k: v for k, v in options.items() if v is not None} | kw
+    accepted = [p for p in inspect.signature(loader).parameters if p != "data_dir"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(
+            f"dataset {name!r} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}"
+        )
+    if not reads_files:
+        return loader(**options)
+    data_dir = data_dir if data_dir is not None else os.path.join(DEFAULT_ROOT, name)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"{name} data directory {data_dir} does not exist; pass --data-dir")
+    return loader(data_dir, **options)
