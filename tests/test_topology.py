@@ -84,7 +84,7 @@ def test_from_networkx_metropolis():
     (torch.tensor([[float("nan"), 1.0], [1.0, 0.0]]), "NaN"),
 ])
 def test_validate_names_the_problem(P, fragment):
-    with pytest.raises(UserError, match="") as err:
+    with pytest.raises(UserError) as err:
         T.validate(P)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)

@@ -51,9 +51,10 @@ class LocalCommunicator:
     def _plan(self, step: int, like: Tensor):
         """The matrix in x's dtype/device, and for sparse mode the (deg, m) gather plan."""
         key = 0 if not self.topology.time_varying else step
-        if self._cache is not None and self._cache[0] == key and self._cache[2].dtype == like.dtype \
-                and self._cache[2].device == like.device:
-            return self._cache[1:]
+        cached = self._cache
+        if cached and cached[0] == key and cached[2].dtype == like.dtype \
+                and cached[2].device == like.device:
+            return cached[1:]
         P = self.topology.matrix(step)
         nnz = (P != 0).sum(1)
         deg = int(nnz.max())

@@ -133,7 +133,7 @@ class Engine:
         return {**bufs, **self.int_buffers}
 
     def average_state(self) -> Params:
-        """The averaged model w_a = (1/m) sum_j w_j (and averaged float buffers), as a state dict."""
+        """The averaged model w_a = (1/m) sum_j w_j and its averaged float buffers."""
         state = self.layout.views(self.comm.mean(self.w)[0])
         if self.buffer_layout.names:
             state.update(self.buffer_layout.views(self.comm.mean(self.b)[0]))
@@ -149,7 +149,7 @@ class Engine:
         return state
 
     def module(self, state: Params) -> nn.Module:
-        """A copy of the model holding ``state`` (e.g. ``engine.module(engine.average_state())``)."""
+        """A copy of the model holding ``state``, e.g. ``engine.average_state()``."""
         mod = copy.deepcopy(self.model)
         mod.load_state_dict({n: t.clone() for n, t in state.items()}, strict=False)
         return mod
