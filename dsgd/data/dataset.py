@@ -126,9 +126,9 @@ def from_uint8_images(
         xtr, xte = resize(xtr, image_size), resize(xte, image_size)
     return Dataset(
         x_train=xtr,
-        y_train=torch.as_tensor(np.asarray(y_train[:k_train]), dtype=torch.int64),
+        y_train=torch.from_numpy(np.array(y_train[:k_train], dtype=np.int64)),
         x_test=xte,
-        y_test=torch.as_tensor(np.asarray(y_test[:k_test]), dtype=torch.int64),
+        y_test=torch.from_numpy(np.array(y_test[:k_test], dtype=np.int64)),
         num_classes=num_classes,
         name=name,
     )
