@@ -18,19 +18,15 @@ def crop_at(x: Tensor, top: Tensor, left: Tensor, pad: int) -> Tensor:
     (top, left) in the padded image: out[n, c, i, j] = x[n, c, i + top[n] - pad, j + left[n] - pad],
     or 0 where that falls outside x. top, left: (N,) ints in [0, 2 * pad], N = number of
     images. Returns (..., C, H, W)."""
-    *lead, c, h, w = x.shape
+    c, h, w = x.shape[-3:]
     flat = x.reshape(-1, c, h, w)  # (N, C, H, W)
-    n = flat.shape[0]
-    padded = F.pad(flat, (pad, pad, pad, pad))  # (N, C, H + 2p, W + 2p)
+    n, hp, wp = flat.shape[0], h + 2 * pad, w + 2 * pad
+    padded = F.pad(flat, (pad, pad, pad, pad)).view(n, c, hp * wp)  # (N, C, Hp * Wp)
     dev = x.device
     rows = top.to(dev).view(n, 1) + torch.arange(h, device=dev)  # (N, H)
     cols = left.to(dev).view(n, 1) + torch.arange(w, device=dev)  # (N, W)
-    out = padded[
-        torch.arange(n, device=dev).view(n, 1, 1, 1),
-        torch.arange(c, device=dev).view(1, c, 1, 1),
-        rows.view(n, 1, h, 1),
-        cols.view(n, 1, 1, w),
-    ]  # (N, C, H, W)
+    where = (rows.view(n, h, 1) * wp + cols.view(n, 1, w)).view(n, 1, h * w)  # (N, 1, H * W)
+    out = padded.gather(2, where.expand(n, c, h * w))  # (N, C, H * W)
     return out.reshape(x.shape)
 
 

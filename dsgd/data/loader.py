@@ -104,8 +104,9 @@ class WorkerLoader:
         slots = self.order.gather(1, self.pos.view(-1, 1) + torch.arange(b))  # (m, B)
         idx = self.shards.gather(1, slots)  # (m, B) dataset indices
         self.pos += b
-        idx = idx.to(self.x.device)
-        xb, yb = self.x[idx], self.y[idx]  # (m, B, *S), (m, B)
+        flat = idx.view(-1).to(self.x.device)  # (m * B,)
+        xb = self.x.index_select(0, flat).view(*idx.shape, *self.x.shape[1:])  # (m, B, *S)
+        yb = self.y.index_select(0, flat.to(self.y.device)).view(idx.shape)  # (m, B)
         if self.augment is not None:
             xb = self.augment(xb, self.generator)
         return xb, yb

@@ -74,9 +74,9 @@ def make_mnist1d(
     """
     try:
         from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError:
+    except ImportError as e:
         raise UserError(
-            "mnist1d is not installed: pip install mnist1d (or pip install 'dsgd[mnist1d]')"
+            f"cannot import mnist1d ({e}); pip install mnist1d (or pip install 'dsgd[mnist1d]')"
         ) from None
     args = get_dataset_args()
     args.num_samples, args.seed = int(num_samples), int(seed)
