@@ -129,6 +129,9 @@ def test_load_run_reads_every_file(runs_root: Path):
     np.testing.assert_allclose(steps, STEPS)
     assert acc[-1] == pytest.approx(100 * DSGD_FINAL[1])  # fractions are reported in percent
     assert run.final("test_acc", percent=False) == pytest.approx(DSGD_FINAL[1])
+    for row in run.metrics:
+        del row["step"]
+    np.testing.assert_allclose(run.series("test_acc")[0], range(len(STEPS)))
 
 
 def test_flatten_nested_config():

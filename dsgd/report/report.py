@@ -35,11 +35,17 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _short_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """"train.lr" -> "lr" where the last component is unique, so nested and flat configs line up."""
+    last = [k.rsplit(".", 1)[-1] for k in flat]
+    return {(s if last.count(s) == 1 else k): v for k, s, v in zip(flat, last, flat.values())}
+
+
 def _settings_table(groups: Sequence[Group]) -> str | None:
     """Config keys whose values differ between groups (seeds, names and paths excluded)."""
     if len(groups) < 2:
         return None
-    dicts = [dict(g.key) for g in groups]
+    dicts = [_short_keys(dict(g.key)) for g in groups]
     keys = sorted({k for d in dicts for k in d})
     differing = [k for k in keys if len({repr(d.get(k)) for d in dicts}) > 1]
     if not differing:

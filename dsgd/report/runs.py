@@ -129,10 +129,15 @@ class Run:
     def series(self, key: str, x: str = "step", percent: bool = True):
         """(x, y) float arrays over the rows that have ``key``; missing x or y values are NaN.
 
+        Without any ``x`` in the rows, x is the row index.
+
         With ``percent``, accuracies stored as fractions are scaled to percent.
         """
         rows = [r for r in self.metrics if key in r]
-        xs = np.array([_float(r.get(x)) for r in rows], dtype=float)
+        if any(x in r for r in self.metrics):
+            xs = np.array([_float(r.get(x)) for r in rows], dtype=float)
+        else:  # no x recorded at all: the evaluation index is the best axis left
+            xs = np.array([i for i, r in enumerate(self.metrics) if key in r], dtype=float)
         ys = np.array([_float(r[key]) for r in rows], dtype=float)
         if percent and is_accuracy(key):
             ys = ys * accuracy_scale(ys.tolist())
