@@ -84,14 +84,16 @@ def curve_rows(final_acc: float, seed: int, optional: bool = False) -> list[dict
 
 
 def dsgd_config(seed: int) -> dict:
-    # Nested sections, as the trainer may write them.
+    # Nested sections, as dsgd.experiments.config writes them; device, paths and the progress
+    # bar differ between seeds and must not split the group.
     return {
-        "seed": seed,
+        "device": "cuda" if seed == 1 else "cpu",
         "out_dir": f"runs/dsgd-s{seed}",
         "train": {"algorithm": "dsgd", "topology": "ring", "workers": 16, "batch_size": 64,
-                  "lr": 0.1, "steps": 200},
-        "data": {"dataset": "cifar10", "seed": seed + 100},
-        "model": {"name": "resnet18_micro"},
+                  "lr": 0.1, "steps": 200, "seed": seed},
+        "data": {"name": "cifar10", "dir": f"/data{seed}", "partition_seed": seed + 100},
+        "model": {"name": "resnet18_micro", "options": {}},
+        "log": {"eval_every": 50, "eval_batch_size": 1000, "progress": seed != 2},
     }  # fmt: skip
 
 
@@ -119,7 +121,7 @@ def runs_root(tmp_path: Path) -> Path:
 def test_load_run_reads_every_file(runs_root: Path):
     run = load_run(runs_root / "sweep" / "dsgd-ring-s2")
     assert run.name == "dsgd-ring-s2"
-    assert run.flat["train.topology"] == "ring" and run.flat["data.seed"] == 102
+    assert run.flat["train.topology"] == "ring" and run.flat["data.partition_seed"] == 102
     assert run.seed == 2
     assert run.status == "finished"
     assert run.version["git"] == "abc1234def"
@@ -244,7 +246,8 @@ def test_diverged_and_empty_runs_show_their_status(tmp_path: Path):
     rows = curve_rows(0.5, 1)
     for r in rows[2:]:
         r.update(train_loss=float("nan"), test_loss=float("inf"), test_acc=float("nan"))
-    write_run(tmp_path, "div-s1", {**csgd_config(1), "lr": 10.0}, rows, status="diverged")
+    write_run(tmp_path, "div-s1", {**csgd_config(1), "lr": 10.0}, rows, status="diverged",
+              extra_summary={"best_test_acc": None, "message": "loss is nan at step 100"})
     write_run(tmp_path, "div-s2", {**csgd_config(2), "lr": 10.0}, curve_rows(0.6, 2))
     write_run(tmp_path, "empty", {**csgd_config(1), "lr": 5.0}, [], status=None)
     out = summarize_runs([tmp_path])

@@ -42,9 +42,13 @@ NAME_KEYS = frozenset({"name", "run_name", "run.name", "experiment.name", "tag"}
 PATH_KEYS = frozenset(
     {
         "out", "out_dir", "output", "output_dir", "run_dir", "runs_dir", "save_dir", "log_dir",
-        "checkpoint_dir", "resume", "data_dir", "data_root", "root", "cache_dir",
+        "checkpoint_dir", "resume", "dir", "data_dir", "data_root", "root", "cache_dir",
     }
 )  # fmt: skip
+# Where and how a run was watched, not what it computes (matched like PATH_KEYS).
+RUNTIME_KEYS = frozenset(
+    {"device", "progress", "tensorboard", "checkpoint_every", "eval_batch_size"}
+)
 
 # Where the label's fields may live, most specific spelling first.
 _LABEL_FIELDS: dict[str, tuple[str, ...]] = {
@@ -273,7 +277,9 @@ def lookup(flat: Mapping[str, Any], names: Sequence[str]) -> Any:
 
 def _ignored(key: str) -> bool:
     last = key.rsplit(".", 1)[-1]
-    return last.endswith(SEED_SUFFIX) or key in NAME_KEYS or last in PATH_KEYS
+    return (
+        last.endswith(SEED_SUFFIX) or key in NAME_KEYS or last in PATH_KEYS or last in RUNTIME_KEYS
+    )
 
 
 def _hashable(v: Any) -> Any:
@@ -281,8 +287,8 @@ def _hashable(v: Any) -> Any:
 
 
 def setting_key(run: Run, by: Sequence[str] | None = None) -> tuple[tuple[str, Any], ...]:
-    """The identity of a run's setting: its flat config without seeds, names and paths, or only
-    the dotted keys in ``by``."""
+    """The identity of a run's setting: its flat config without seeds, names, paths and
+    RUNTIME_KEYS, or only the dotted keys in ``by``."""
     if by is not None:
         return tuple((k, _hashable(run.flat.get(k))) for k in by)
     return tuple(sorted((k, _hashable(v)) for k, v in run.flat.items() if not _ignored(k)))
