@@ -215,3 +215,28 @@ def test_callable_and_registered_factories():
         del MODELS["test_tiny"]
     with pytest.raises(UserError, match="not nn.Module"):
         build_model(lambda num_classes, in_shape: 42, 3, (5,))
+
+
+def test_batchnorm_under_vmap_with_stacked_buffers():
+    """BatchNorm in train mode also runs under vmap(grad) when each worker's running statistics
+    are stacked and passed in: gradients and updated statistics equal per-copy autograd."""
+    m = 3
+    models = []
+    for seed in range(m):
+        torch.manual_seed(seed)
+        models.append(build_model("resnet8", 10, (3, 8, 8)))
+    params, buffers = stack_module_state(models)  # buffers: {name: (m, *shape)}
+    gen = torch.Generator().manual_seed(7)
+    xs = torch.randn(m, 4, 3, 8, 8, generator=gen)
+    ys = torch.randint(0, 10, (m, 4), generator=gen)
+
+    def loss(p, b, x, y):
+        return F.cross_entropy(functional_call(models[0], (p, b), (x,)), y)
+
+    grads = vmap(grad(loss))(params, buffers, xs, ys)  # updates `buffers` in place per worker
+    for j, model in enumerate(models):
+        F.cross_entropy(model(xs[j]), ys[j]).backward()
+        for pname, p in model.named_parameters():
+            torch.testing.assert_close(grads[pname][j], p.grad, atol=1e-5, rtol=1e-4)
+        for bname, b in model.named_buffers():
+            torch.testing.assert_close(buffers[bname][j], b, atol=1e-5, rtol=1e-4)
