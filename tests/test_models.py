@@ -153,7 +153,8 @@ def test_norm_options_keep_parameter_count():
     )
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# resnet34_micro is left out: same code as resnet18_micro, twice the init time.
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"resnet34_micro"}))
 def test_init_is_deterministic_and_has_no_inplace_ops(name):
     shape = (40,) if name in ("mlp", "cnn1d") else (3, 32, 32)
     torch.manual_seed(5)
