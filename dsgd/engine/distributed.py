@@ -1,0 +1,301 @@
+"""The communicator over torch.distributed: one process per block of workers, gossip by
+point-to-point exchange with neighbours only.
+
+The ``W`` processes of a torchrun job host the ``m`` workers in contiguous blocks of
+``b = m / W``: rank r hosts workers ``range(r * b, (r + 1) * b)``. For the mixing matrix P(t)
+of step t, worker j needs ``sum_k P[j, k] x_k``, so each rank
+
+- receives, from every other rank q, the rows x_k of q's workers k that some hosted worker j
+  reads (``P[j, k] != 0``): the row structure of P over its block;
+- sends to every rank q its own rows that some worker of q reads: the column structure of P;
+- uses the rows of its own workers without any communication.
+
+All sends and receives of a step go out in one ``dist.batch_isend_irecv``: one message per
+neighbouring rank and direction, never an all-gather. Both sides compute the same plan from
+``topology.matrix(step)``, a pure function of the step; static topologies cache it, time-varying
+ones (one-peer exponential, ``permuted``) rebuild it each step. ``mean`` (C-SGD, the averaged
+model, consensus distance) is one ``all_reduce`` of the local row sum.
+
+Running it (the training CLI builds on :func:`init_from_env`)::
+
+    # one machine, 4 processes (gloo on CPU, nccl with one GPU per process)
+    torchrun --standalone --nproc-per-node=4 -m dsgd train --config X.toml --engine distributed
+
+    # two machines with 4 processes each: run on both, same endpoint (host:port of node 0)
+    torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d \\
+             --rdzv-endpoint=node0.example:29500 --rdzv-id=run1 -m dsgd train ... \\
+             --engine distributed
+
+In code::
+
+    ctx = init_from_env(timeout_s=60)                 # reads RANK, WORLD_SIZE, LOCAL_RANK, ...
+    comm = TorchDistributedCommunicator(topology, timeout_s=60, checkpoint_dir=run_dir)
+    engine = Engine(model.to(ctx.device), comm=comm, ...)
+    for x, y in batches:                              # x: (m, B, ...) -> this rank's rows
+        engine.step(x[comm.workers.start:comm.workers.stop], y[...])
+    shutdown()
+
+Each rank checkpoints its own block (``engine.state_dict()`` holds ``w`` of shape (b, P)).
+
+Faults: every wait is bounded by ``timeout_s``. A peer that dies makes its neighbours fail at
+once (gloo: "Connection closed by peer"); a peer that hangs makes them fail after ``timeout_s``.
+Either way the communicator raises :class:`PeerFailure`, a one-line ``UserError``, and the
+ranks further away fail in turn when those neighbours exit (torchrun also stops the rest of the
+job when one process exits non-zero).
+
+Accounting: ``bytes_sent`` counts the payload this rank hands to the network: for ``mix`` the
+rows it sends (``rows * P * itemsize`` per neighbouring rank), for ``mean`` the nominal size of
+the all-reduced vector, ``P * itemsize`` (a ring all-reduce actually moves ``2 (W-1)/W`` of that
+per rank; the nominal size is what the backend was handed). For a ring with one worker per rank
+that is ``2 * P * itemsize`` per gossip step, for C-SGD ``P * itemsize`` per step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dsgd.errors import UserError
+from dsgd.topology import Topology
+
+__all__ = [
+    "DistributedContext",
+    "DistributedSetupError",
+    "GossipPlan",
+    "PeerFailure",
+    "TorchDistributedCommunicator",
+    "gossip_plan",
+    "init_from_env",
+    "shutdown",
+]
+
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedSetupError(UserError):
+    """The process group cannot be formed, or the job's shape does not fit the workers."""
+
+
+class PeerFailure(UserError):
+    """A peer process died or stopped responding during an exchange."""
+
+    def __init__(self, message: str, *, peer: int | None, step: int | None, elapsed_s: float):
+        super().__init__(message)
+        self.peer, self.step, self.elapsed_s = peer, step, elapsed_s
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str  # "gloo" or "nccl"
+    device: torch.device  # where this rank's tensors live
+
+
+def init_from_env(timeout_s: float = 60, backend: str | None = None) -> DistributedContext:
+    """Join the job torchrun launched this process into (its RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR and MASTER_PORT variables). The backend is nccl when CUDA is available, gloo
+    otherwise; with nccl the process takes GPU ``LOCAL_RANK``. ``timeout_s`` bounds the
+    rendezvous and every collective without its own timeout. Calling it again is a no-op."""
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing and not dist.is_initialized():
+        raise DistributedSetupError(
+            f"{', '.join(missing)} not set: launch with torchrun, e.g. torchrun --standalone "
+            "--nproc-per-node=4 -m dsgd train --config X.toml --engine distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedSetupError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) here: "
+                "use --nproc-per-node <= the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DistributedSetupError(
+                f"could not join the process group at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')} within {timeout_s:g} s ({first[:200]}); "
+                "check that every process was started and the endpoint is reachable") from e
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank,
+                              dist.get_backend(), device)
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a run; safe to call when none exists)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- the plan: who sends which rows to whom, a pure function of (P, rank, world size) --------
+@dataclass(frozen=True)
+class GossipPlan:
+    sends: tuple[tuple[int, Tensor], ...]  # (peer rank, local row indices (n,)), by peer
+    recvs: tuple[tuple[int, int], ...]  # (peer rank, number of rows it sends), by peer
+    weights: Tensor  # (b, b + sum of received rows): P's rows of this block, columns gathered
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(len(idx) for _, idx in self.sends)
+
+
+def gossip_plan(P: Tensor, rank: int, world_size: int) -> GossipPlan:
+    """The exchange rank ``rank`` makes to mix with P, workers in contiguous blocks.
+
+    The columns of ``weights`` are the rows the rank will hold after the exchange: its own b
+    rows, then the rows received from each peer in rank order (sorted by worker index within
+    a peer). Rank q's ``sends`` to r equal r's ``recvs`` from q, since both read them off P.
+    """
+    m = P.shape[0]
+    b = m // world_size
+    nz = P != 0  # (m, m)
+    mine = slice(rank * b, (rank + 1) * b)
+    sends, recvs, columns = [], [], list(range(rank * b, (rank + 1) * b))
+    for q in range(world_size):
+        if q == rank:
+            continue
+        theirs = slice(q * b, (q + 1) * b)
+        # my workers k that some worker of q reads: column structure of my block
+        out = torch.nonzero(nz[theirs, mine].any(0)).flatten()
+        if len(out):
+            sends.append((q, out))
+        # q's workers k that some worker of mine reads: row structure of my block
+        inc = torch.nonzero(nz[mine, theirs].any(0)).flatten()
+        if len(inc):
+            recvs.append((q, len(inc)))
+            columns.extend((q * b + inc).tolist())
+    weights = P[mine][:, columns]
+    return GossipPlan(tuple(sends), tuple(recvs), weights)
+
+
+class TorchDistributedCommunicator:
+    """The communicator of one rank of a torch.distributed job (see the module docstring).
+
+    ``timeout_s`` bounds every wait of ``mix`` and ``mean``; a peer that dies or hangs raises
+    :class:`PeerFailure` naming ``checkpoint_dir`` (settable later) as the place to resume
+    from. ``step`` is the step in progress for error messages: ``mix`` sets it, a training
+    loop may set it too (C-SGD never calls ``mix``).
+    """
+
+    def __init__(self, topology: Topology, *, timeout_s: float = 60, group=None,
+                 checkpoint_dir: str | os.PathLike | None = None):
+        if not dist.is_initialized():
+            raise DistributedSetupError(
+                "torch.distributed is not initialized: call init_from_env() first (under torchrun)")
+        self.topology = topology
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.m = topology.m
+        if self.m % self.world_size:
+            raise DistributedSetupError(
+                f"{self.m} workers do not split evenly over {self.world_size} processes: "
+                "choose a number of workers divisible by --nproc-per-node x --nnodes")
+        b = self.m // self.world_size
+        self.workers = range(self.rank * b, (self.rank + 1) * b)
+        self.timeout_s = float(timeout_s)
+        self.checkpoint_dir = checkpoint_dir
+        self.bytes_sent = 0
+        self.step: int | None = None
+        backend = dist.get_backend(group)
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                       else torch.device("cpu"))
+        self._cache: tuple[int, torch.dtype, torch.device, GossipPlan] | None = None
+        self._handshake()
+
+    def _handshake(self) -> None:
+        """All ranks take part once (batched P2P needs every rank in its group's first
+        collective) and must agree on the number of workers. Bounded by the process group's
+        timeout, not ``timeout_s``: ranks may start seconds apart."""
+        probe = torch.tensor([self.m, -self.m], dtype=torch.int64, device=self.device)
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=self.group)
+        if int(probe[0]) != -int(probe[1]):
+            raise DistributedSetupError(
+                f"processes disagree on the number of workers ({-int(probe[1])} to "
+                f"{int(probe[0])}): give every process the same config")
+
+    # ---- faults ------------------------------------------------------------------------------
+    def _failure(self, what: str, peer: int | None, started: float, err: Exception):
+        elapsed = time.monotonic() - started
+        text = str(err).lower()
+        why = ("timed out" if "timed out" in text or "timeout" in text
+               else "connection lost" if "closed" in text or "reset" in text or "broken" in text
+               else type(err).__name__)
+        who = f"worker process {peer} (or a peer)" if peer is not None else "a worker process"
+        at = f" at step {self.step}" if self.step is not None else ""
+        where = f" in {os.fspath(self.checkpoint_dir)}" if self.checkpoint_dir else ""
+        return PeerFailure(
+            f"{who} stopped responding during {what}{at} after {elapsed:.1f} s ({why}, rank "
+            f"{self.rank} of {self.world_size}); the run's checkpoints{where} are intact: "
+            "resume with --resume", peer=peer, step=self.step, elapsed_s=elapsed)
+
+    def _wait(self, works, peers, what: str, started: float) -> None:
+        timeout = timedelta(seconds=self.timeout_s)
+        for work, peer in zip(works, peers):
+            try:
+                work.wait(timeout=timeout)
+            except RuntimeError as e:  # DistBackendError, gloo's "Connection closed", timeouts
+                raise self._failure(what, peer, started, e) from e
+
+    def _global(self, q: int) -> int:
+        return q if self.group is None else dist.get_global_rank(self.group, q)
+
+    # ---- the protocol ------------------------------------------------------------------------
+    def plan(self, step: int, like: Tensor) -> GossipPlan:
+        key = step if self.topology.time_varying else 0
+        cached = self._cache
+        if cached and cached[:3] == (key, like.dtype, like.device):
+            return cached[3]
+        plan = gossip_plan(self.topology.matrix(step), self.rank, self.world_size)
+        plan = GossipPlan(tuple((q, idx.to(like.device)) for q, idx in plan.sends), plan.recvs,
+                          plan.weights.to(like.device, like.dtype))
+        self._cache = (key, like.dtype, like.device, plan)
+        return plan
+
+    def mix(self, x: Tensor, step: int) -> Tensor:  # (b, P) -> (b, P)
+        self.step = step
+        plan = self.plan(step, x)
+        x = x.contiguous()
+        bufs = [x.new_empty(n, x.shape[1]) for _, n in plan.recvs]  # (n, P) each
+        # gloo and nccl send contiguous tensors whose dtype the receiver expects: x[idx] is a
+        # fresh contiguous copy in x's dtype, and every rank mixes the same dtype.
+        ops = [dist.P2POp(dist.isend, x[idx], self._global(q), self.group)
+               for q, idx in plan.sends]
+        ops += [dist.P2POp(dist.irecv, buf, self._global(q), self.group)
+                for (q, _), buf in zip(plan.recvs, bufs)]
+        if ops:
+            started = time.monotonic()
+            peers = [q for q, _ in plan.sends] + [q for q, _ in plan.recvs]
+            try:
+                works = dist.batch_isend_irecv(ops)
+            except RuntimeError as e:
+                raise self._failure("gossip", None, started, e) from e
+            # the returned works match ops one to one on gloo; nccl coalesces into one
+            self._wait(works, peers if len(works) == len(ops) else [None] * len(works),
+                       "gossip", started)
+            self.bytes_sent += plan.rows_sent * x.shape[1] * x.element_size()
+        return plan.weights @ torch.cat([x, *bufs]) if bufs else plan.weights @ x
+
+    def mean(self, x: Tensor) -> Tensor:  # (b, P) -> (b, P), every row the mean of all m
+        total = x.sum(0)  # (P,)
+        started = time.monotonic()
+        try:
+            work = dist.all_reduce(total, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._failure("all-reduce", None, started, e) from e
+        self._wait([work], [None], "all-reduce", started)
+        self.bytes_sent += total.numel() * total.element_size()
+        return (total / self.m).expand_as(x).clone()
