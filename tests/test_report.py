@@ -327,3 +327,14 @@ def test_report_never_imports_torch_or_an_engine(runs_root: Path, tmp_path: Path
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_zero_consensus_on_a_log_axis_does_not_crash(tmp_path: Path):
+    rows = curve_rows(0.9, 1)
+    for r in rows:
+        r["consensus"] = 0.0  # C-SGD: the workers agree exactly
+    write_run(tmp_path, "c", csgd_config(1), rows)
+    write_run(tmp_path, "d", dsgd_config(1), curve_rows(0.9, 1))
+    groups = group_runs(find_runs([tmp_path]))
+    written = plot_groups(groups, tmp_path / "p", metrics=["consensus"])
+    assert written["consensus"].read_bytes()[:8] == PNG_MAGIC

@@ -127,9 +127,12 @@ def plot_metric(
         if log:  # a band reaching below zero cannot be drawn on a log axis: clip it at the mean
             mean = np.where(mean > 0, mean, np.nan)
             lo = np.where(lo > 0, lo, mean)
+        label = f"{g.label} (n={len(g.runs)})"
+        if not np.isfinite(mean).any():  # e.g. C-SGD's consensus distance, 0 throughout
+            ax.plot([], [], color=color, label=f"{label}: ≤ 0, not drawn on a log axis")
+            continue
         few = np.isfinite(mean).sum() < 2  # a single point needs a marker to show
-        ax.plot(xs, mean, color=color, lw=1.5, marker="o" if few else None, ms=4,
-                label=f"{g.label} (n={len(g.runs)})")  # fmt: skip
+        ax.plot(xs, mean, color=color, lw=1.5, marker="o" if few else None, ms=4, label=label)
         band = np.isfinite(std)
         if band.any():
             ax.fill_between(xs, lo, hi, where=band, color=color, alpha=0.2, lw=0)
