@@ -1,0 +1,5 @@
+import sys
+
+from dsgd.experiments.cli import main
+
+sys.exit(main())

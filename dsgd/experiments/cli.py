@@ -1,0 +1,172 @@
+"""The ``dsgd`` command line.
+
+    dsgd train --config quickstart --set train.workers=8 --out runs/x [--resume]
+    torchrun --nproc-per-node=4 -m dsgd train --config X.toml --engine distributed --out runs/x
+    dsgd topology ring -m 16 [--draw ring.png]
+    dsgd report runs/a runs/b --out reports/ab
+    dsgd quickstart --out runs/quickstart
+
+User errors (a bad config, a missing data directory, a diverged run, ...) print one line and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dsgd.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _train(args) -> int:
+    from dsgd.experiments import config as C
+    from dsgd.experiments.runner import train
+
+    cfg = C.load(args.config, args.set)
+    if args.no_progress:
+        cfg = C.from_dict(C.apply_overrides(C.to_dict(cfg), ["log.progress=false"]))
+    out = Path(args.out or f"runs/{cfg.name}")
+    if args.engine == "distributed":
+        from dsgd.engine.distributed import TorchDistributedCommunicator, init_from_env, shutdown
+
+        init_from_env(cfg.device, timeout_s=args.timeout)
+        from dsgd.topology import make_topology
+
+        topo = make_topology(cfg.train.topology, cfg.train.workers,
+                             shuffle=cfg.train.shuffle_topology, seed=cfg.train.seed)
+        comm = TorchDistributedCommunicator(topo, timeout_s=args.timeout)
+        try:
+            summary = train(cfg, out, resume=args.resume, comm=comm)
+        finally:
+            shutdown()
+    else:
+        summary = train(cfg, out, resume=args.resume)
+    final = summary["final"]
+    print(f"{cfg.name}: {summary['steps']} steps in {summary['wall_time']:.0f} s, "
+          f"test accuracy {100 * final.get('test_acc', float('nan')):.2f}%, "
+          f"consensus distance {final.get('consensus', float('nan')):.3g}; run in {out}")
+    return 0
+
+
+def _topology(args) -> int:
+    from dsgd.topology import make_topology, second_eigenvalue, spectral_gap
+
+    topo = make_topology(args.name, args.m, shuffle=args.shuffle, seed=args.seed)
+    P = topo.matrix(0)
+    degree = int((P[0] != 0).sum()) - 1
+    print(f"{topo.name}  m={topo.m}  neighbours of worker 0: {degree}  "
+          f"|lambda_2| = {second_eigenvalue(P):.3f}  spectral gap = {spectral_gap(P):.3f}"
+          + ("  (time-varying: step 0 shown)" if topo.time_varying else ""))
+    if args.matrix:
+        for row in P.tolist():
+            print(" ".join(f"{v:.3f}" for v in row))
+    if args.draw:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import networkx as nx
+
+        g = nx.from_numpy_array(((P + P.T) > 0).int().numpy())
+        g.remove_edges_from(nx.selfloop_edges(g))
+        fig, ax = plt.subplots(figsize=(5, 5))
+        nx.draw_circular(g, ax=ax, with_labels=True, node_color="#9ecae1", node_size=300)
+        ax.set_title(f"{topo.name}, m={topo.m}, gap {spectral_gap(P):.3f}")
+        fig.savefig(args.draw, dpi=120, bbox_inches="tight")
+        print(f"drew {args.draw}")
+    return 0
+
+
+def _report(args) -> int:
+    from dsgd.report import make_report
+
+    path = make_report([Path(p) for p in args.runs], Path(args.out))
+    print(f"report: {path}")
+    return 0
+
+
+def _quickstart(args) -> int:
+    from dsgd.experiments import config as C
+    from dsgd.experiments.runner import train
+    from dsgd.report import make_report
+
+    out = Path(args.out)
+    runs = []
+    for algorithm in ("dsgd", "csgd"):
+        overrides = [f"train.algorithm={algorithm}", f'name="{algorithm}-quickstart"', *args.set]
+        cfg = C.load("quickstart", overrides)
+        run_dir = out / algorithm
+        print(f"training {algorithm.upper()} ({cfg.train.topology if algorithm == 'dsgd' else 'all-reduce'}"
+              f", {cfg.train.workers} workers) on {cfg.data.name} -> {run_dir}")
+        resume = (run_dir / "checkpoints" / "last.pt").exists() and not (
+            run_dir / "summary.json").exists()
+        summary = train(cfg, run_dir, resume=resume) if not (
+            run_dir / "summary.json").exists() else None
+        if summary:
+            print(f"  test accuracy {100 * summary['final']['test_acc']:.2f}% "
+                  f"in {summary['wall_time']:.0f} s")
+        runs.append(run_dir)
+    path = make_report(runs, out / "report", title="dsgd quickstart: D-SGD (ring) vs C-SGD")
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dsgd", description="Decentralized SGD for any nn.Module.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one config into a run directory")
+    t.add_argument("--config", help="a TOML file or a preset name (e.g. quickstart)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=0.05 (repeatable)")
+    t.add_argument("--out", help="run directory (default runs/<name>)")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--engine", choices=["simulated", "distributed"], default="simulated",
+                   help="simulated: all workers in this process; distributed: under torchrun")
+    t.add_argument("--timeout", type=float, default=60.0,
+                   help="distributed: seconds before a silent peer is declared dead")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_train)
+
+    g = sub.add_parser("topology", help="print a topology's spectral gap (and draw it)")
+    g.add_argument("name")
+    g.add_argument("-m", type=int, default=16, help="number of workers")
+    g.add_argument("--shuffle", action="store_true", help="random permutation each step")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--matrix", action="store_true", help="print the mixing matrix")
+    g.add_argument("--draw", metavar="PNG", help="draw the graph to a PNG file")
+    g.set_defaults(fn=_topology)
+
+    r = sub.add_parser("report", help="markdown report with plots from run directories")
+    r.add_argument("runs", nargs="+", help="run directories (or folders of them)")
+    r.add_argument("--out", default="reports/latest")
+    r.set_defaults(fn=_report)
+
+    q = sub.add_parser("quickstart", help="D-SGD (ring) vs C-SGD on Fashion-MNIST, and a report")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(fn=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as err:
+        print(f"dsgd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsgd: interrupted; the last checkpoint is intact: rerun with --resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

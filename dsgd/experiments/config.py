@@ -1,0 +1,269 @@
+"""Run configuration: frozen, typed dataclasses; presets are TOML files; overrides are
+``section.key=value`` strings. The resolved config is saved with every run.
+
+A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[log]`` and the top-level
+keys ``name`` and ``device``. Every key is optional (defaults below); an unknown key or a value of
+the wrong type is a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsgd.errors import UserError
+
+PRESETS = Path(__file__).parent / "presets"
+
+
+class ConfigError(UserError):
+    """A malformed config file, an unknown key or an invalid value."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion-mnist"  # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic
+    dir: str | None = None  # where a file-based data set lives (default /usr/share/datasets/<name>)
+    n_train: int | None = None  # keep the first N training samples (None: all)
+    n_test: int | None = None
+    image_size: int | None = None  # resize images to S x S (the paper: 56 for CIFAR)
+    partition: str = "iid"  # iid (seeded shuffle into equal shards, as the paper) | dirichlet
+    alpha: float = 1.0  # Dirichlet concentration (smaller: more label skew)
+    augment: bool = False  # random crop (pad 4) + horizontal flip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lenet5"
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the model factory
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algorithm: str = "dsgd"  # dsgd | csgd
+    topology: str = "ring"
+    shuffle_topology: bool = False  # P' = Pi^T P Pi with a fresh permutation every step
+    workers: int = 16
+    batch_size: int = 32  # per worker; the total batch is workers * batch_size
+    steps: int = 1000
+    lr: float = 0.1  # peak learning rate (scale it linearly with the total batch yourself)
+    schedule: str = "multistep"  # multistep | cosine | constant
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    milestones: list[int] = field(default_factory=list)  # steps where lr *= gamma
+    gamma: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    gossip_every: int = 1  # > 1: local SGD, gossip every tau steps
+    buffers: str = "gossip"  # BatchNorm statistics: gossip (mixed like weights) | local
+    strategy: str = "auto"  # how the workers' gradients are computed: auto | vmap | loop
+    gradient: str = "sgd"  # sgd | sam | asam | avg_sam (average-direction SAM, isotropic)
+    rho: float = 0.05  # SAM/ASAM radius
+    sigma: float = 0.01  # avg_sam: eps ~ N(0, sigma^2 I)
+    samples: int = 2  # avg_sam: Monte-Carlo samples per step
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    eval_every: int = 100  # steps between evaluations (a JSON line in metrics.jsonl)
+    checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
+    eval_batch_size: int = 1000
+    progress: bool = True  # progress bar
+    tensorboard: bool = False  # also write TensorBoard events to <out>/tensorboard
+    # costly measurements at eval time: hessian (trace, top eigenvalue, Tr(H Xi)),
+    # equivalence (the D-SGD = average-direction SAM decomposition), uncertainty (ECE, NLL)
+    instruments: list[str] = field(default_factory=list)
+    instrument_samples: int = 256  # training samples the instruments evaluate the loss on
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    device: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+ALGORITHMS = ("dsgd", "csgd")
+SCHEDULES = ("multistep", "cosine", "constant")
+GRADIENTS = ("sgd", "sam", "asam", "avg_sam")
+INSTRUMENTS = ("hessian", "equivalence", "uncertainty")
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    """Return value converted to the annotated type, or raise ConfigError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_check_type(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    if hint in (int, float, str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {hint} for {where}")  # a bug, not a user error
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys"
+                          f"{' in [' + where + ']' if where else ''}: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}] must be a table, got {value!r}")
+            kwargs[name] = _build(hints[name], value, name)
+        else:
+            kwargs[name] = _check_type(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+    """Semantic checks with one-line messages; returns cfg."""
+    from dsgd.data import DATASETS
+    from dsgd.models import MODELS
+    from dsgd.topology import NAMES as TOPOLOGIES
+
+    t, d, log = cfg.train, cfg.data, cfg.log
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(t.algorithm in ALGORITHMS, f"train.algorithm must be one of {', '.join(ALGORITHMS)}, "
+                                    f"got {t.algorithm!r}")
+    need(t.topology in TOPOLOGIES, f"unknown topology {t.topology!r} (train.topology); choose "
+                                   f"one of {', '.join(TOPOLOGIES)}")
+    need(cfg.model.name.lower() in MODELS, f"unknown model {cfg.model.name!r} (model.name); "
+                                           f"choose one of {', '.join(sorted(MODELS))}")
+    need(d.name in DATASETS, f"unknown dataset {d.name!r} (data.name); choose one of "
+                             f"{', '.join(DATASETS)}")
+    need(d.partition in ("iid", "dirichlet"), f"data.partition must be iid or dirichlet, "
+                                              f"got {d.partition!r}")
+    need(d.alpha > 0, f"data.alpha must be > 0, got {d.alpha}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
+    need(t.batch_size >= 1, f"train.batch_size must be a positive integer, got {t.batch_size}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    need(t.momentum >= 0 and t.weight_decay >= 0, "train.momentum and train.weight_decay "
+                                                   "must be >= 0")
+    need(not t.nesterov or t.momentum > 0, "train.nesterov needs train.momentum > 0")
+    need(t.gossip_every >= 1, f"train.gossip_every must be >= 1, got {t.gossip_every}")
+    need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}")
+    need(t.buffers in ("gossip", "local"), "train.buffers must be gossip or local")
+    need(t.strategy in ("auto", "vmap", "loop"), "train.strategy must be auto, vmap or loop")
+    need(t.gradient in GRADIENTS, f"train.gradient must be one of {', '.join(GRADIENTS)}")
+    need(t.rho >= 0 and t.sigma >= 0, "train.rho and train.sigma must be >= 0")
+    need(t.samples >= 2 and t.samples % 2 == 0, "train.samples must be an even number >= 2")
+    need(log.eval_every >= 1 and log.checkpoint_every >= 1 and log.eval_batch_size >= 1,
+         "log.eval_every, log.checkpoint_every and log.eval_batch_size must be >= 1")
+    bad = sorted(set(log.instruments) - set(INSTRUMENTS))
+    need(not bad, f"unknown instrument {bad[0] if bad else ''!r} in log.instruments; choose "
+                  f"from {', '.join(INSTRUMENTS)}")
+    need(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device must be cpu or cuda[:N]")
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return validate(_build(Config, raw, ""))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (1e-3, true, [1, 2], "x"); a bare word is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict (in place; returned)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        *path, last = key.strip().split(".")
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[last] = _parse_value(value.strip())
+    return raw
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config path, or the name of a preset shipped with dsgd (e.g. ``quickstart``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    preset = PRESETS / f"{p.stem if p.suffix == '.toml' else p.name}.toml"
+    if preset.is_file() and not p.parent.name:
+        return preset
+    known = ", ".join(sorted(f.stem for f in PRESETS.glob("*.toml")))
+    raise ConfigError(f"config file {path} not found (presets: {known})")
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (a file or a preset name), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p} is not valid TOML: {err}") from None
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def dumps_toml(cfg: Config) -> str:
+    """The resolved config as TOML (None values are left out: they mean the default)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    lines, tables = [], []
+    for k, v in to_dict(cfg).items():
+        if isinstance(v, dict):
+            body = [f"{kk} = {fmt(vv)}" for kk, vv in v.items() if vv is not None]
+            tables.append(f"\n[{k}]\n" + "\n".join(body))
+        elif v is not None:
+            lines.append(f"{k} = {fmt(v)}")
+    return "\n".join(lines) + "\n" + "\n".join(tables) + "\n"

@@ -1,0 +1,136 @@
+"""The command line: one-line errors with exit status 2, and real runs that resume after SIGKILL."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsgd.experiments import config as C
+from dsgd.experiments.cli import main
+
+TINY = ["data.name=synthetic", "data.n_train=512", "data.n_test=128", "model.name=mlp",
+        "model.options={hidden=[16]}", "train.workers=4", "train.batch_size=8",
+        "train.steps=30", "train.lr=0.1", "log.eval_every=5", "log.checkpoint_every=5",
+        "log.progress=false", "log.eval_batch_size=64"]
+
+
+def sets(*overrides):
+    return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
+
+
+def dsgd_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "dsgd", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--set", "train.lrr=0.1"], "unknown key train.lrr"),
+    (["--set", "train.lr=-0.1"], "train.lr must be > 0"),
+    (["--set", "train.batch_size=0"], "train.batch_size must be a positive integer"),
+    (["--set", "train.topology=hexagon"], "unknown topology 'hexagon'"),
+    (["--set", "model.name=transformer9"], "unknown model 'transformer9'"),
+    (["--set", "data.name=cifar10", "--set", "data.dir=/nonexistent/cifar"],
+     "/nonexistent/cifar does not exist"),
+    (["--config", "/nonexistent/x.toml"], "config file /nonexistent/x.toml not found"),
+])
+def test_user_errors_are_one_line_exit_2(args, fragment, tmp_path, capsys):
+    code = main(["train", *sets(), *args, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_toml_in_a_real_process(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 0.1\n")
+    proc = dsgd_cli("train", "--config", str(bad), "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert "is not valid TOML" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_config_round_trips_through_toml():
+    cfg = C.load("quickstart", ["train.milestones=[5, 9]", "model.options={hidden=[8, 4]}"])
+    import tomllib
+    assert C.from_dict(tomllib.loads(C.dumps_toml(cfg))) == cfg
+
+
+def test_run_writes_metrics_summary_and_resolved_config(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *sets(), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[-1]["test_acc"] > 0.3  # 10 separable clusters, chance is 0.1
+    assert all(r["consensus"] > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 30
+    saved = C.load(str(out / "config.toml"))
+    assert saved.train.workers == 4 and saved.model.options == {"hidden": [16]}
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["engine"]["step"] == 30
+    # a finished run is not overwritten by accident
+    assert main(["train", *sets(), "--out", str(out)]) == 2
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    slow = ("train.steps=1500", "log.eval_every=50", "log.checkpoint_every=50")
+    assert main(["train", *sets(*slow), "--out", str(straight)]) == 0
+    cmd = [sys.executable, "-m", "dsgd", "train", *sets(*slow), "--out", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline:  # wait until at least two checkpoints exist, then kill
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 3 <= done < 30, "the run must be killed mid-way"
+    assert main(["train", *sets(*slow), "--out", str(killed), "--resume"]) == 0
+    a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in metrics.read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in a]
+    assert strip == [{k: v for k, v in r.items() if k != "time"} for r in b]
+    wa = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+    wb = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+    assert torch.equal(wa, wb)
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", *sets("train.lr=1e30", "log.checkpoint_every=1"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "lower the learning rate" in err and err.count("\n") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert torch.isfinite(ckpt["engine"]["w"]).all()
+    assert ckpt["engine"]["step"] == summary["steps"]
+
+
+def test_topology_command(capsys, tmp_path):
+    assert main(["topology", "ring", "-m", "16", "--draw", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "|lambda_2| = 0.949" in out and "spectral gap = 0.051" in out
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["topology", "hexagon"]) == 2
+
+
+def test_resume_without_checkpoint_is_a_user_error(tmp_path, capsys):
+    assert main(["train", *sets(), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_presets_are_valid():
+    presets = sorted(Path(C.PRESETS).glob("*.toml"))
+    assert presets
+    for p in presets:
+        C.load(p)
