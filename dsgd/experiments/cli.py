@@ -102,8 +102,9 @@ def _quickstart(args) -> int:
         overrides = [f"train.algorithm={algorithm}", f'name="{algorithm}-quickstart"', *args.set]
         cfg = C.load("quickstart", overrides)
         run_dir = out / algorithm
-        print(f"training {algorithm.upper()} ({cfg.train.topology if algorithm == 'dsgd' else 'all-reduce'}"
-              f", {cfg.train.workers} workers) on {cfg.data.name} -> {run_dir}")
+        how = cfg.train.topology if algorithm == "dsgd" else "all-reduce"
+        print(f"training {algorithm.upper()} ({how}, {cfg.train.workers} workers) "
+              f"on {cfg.data.name} -> {run_dir}")
         resume = (run_dir / "checkpoints" / "last.pt").exists() and not (
             run_dir / "summary.json").exists()
         summary = train(cfg, run_dir, resume=resume) if not (

@@ -26,7 +26,8 @@ class ConfigError(UserError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "fashion-mnist"  # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic
+    # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic
+    name: str = "fashion-mnist"
     dir: str | None = None  # where a file-based data set lives (default /usr/share/datasets/<name>)
     n_train: int | None = None  # keep the first N training samples (None: all)
     n_test: int | None = None
