@@ -1,5 +1,9 @@
-"""Optimizers as pure (init, update) pairs over stacked worker tensors, and lr schedules."""
+"""Optimizers as pure (init, update) pairs over stacked worker tensors, gradient rules of the
+SAM family (SAM, ASAM, average-direction SAM), and learning-rate schedules."""
 
+from dsgd.optim.avg_sam import AvgSAM, from_deviations, isotropic, virtual_workers
+from dsgd.optim.sam import SAM, Plain
 from dsgd.optim.sgd import SGD, SGDState
 
-__all__ = ["SGD", "SGDState"]
+__all__ = ["SAM", "SGD", "AvgSAM", "Plain", "SGDState", "from_deviations", "isotropic",
+           "virtual_workers"]
