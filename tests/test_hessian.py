@@ -63,6 +63,13 @@ def rand_stack(m, seed, scale=1.0):
     }
 
 
+def scaled_basis(like):
+    """The probes sqrt(P) e_i, i = 1..P, stacked as {name: (P, *shape)}: (1/P) sum v v^T = I."""
+    p = flatten(like).numel()
+    rows = [unflatten(p**0.5 * e, like) for e in torch.eye(p, dtype=D)]
+    return {k: torch.stack([r[k] for r in rows]) for k in like}
+
+
 def explicit_xi(stacked):
     d = flatten_stacked(deviations(stacked))  # (m, P)
     return d.T @ d / d.shape[0]
@@ -84,8 +91,7 @@ def test_hutchinson_quadratic():
     mean, se = hutchinson_trace(loss_fn, w, num_samples=200, generator=gen(3))
     assert abs(mean - float(torch.trace(a))) < 4 * se
     # exact with the scaled basis sqrt(P) e_i: (1/P) sum P e_i e_i^T = I
-    basis = [unflatten(7**0.5 * e, LIKE) for e in torch.eye(7, dtype=D)]
-    mean, _ = hutchinson_trace(loss_fn, w, probes=basis)
+    mean, _ = hutchinson_trace(loss_fn, w, probes=scaled_basis(w))
     assert mean == pytest.approx(float(torch.trace(a)), abs=1e-12)
 
 
@@ -172,12 +178,13 @@ def test_mlp_hvp_trace_eigs(mlp):
     v = unflatten(torch.randn(p, generator=gen(1), dtype=D), params)
     assert torch.allclose(flatten(hvp(loss_fn, params, v)), h @ flatten(v), atol=1e-12)
 
-    basis = [unflatten(p**0.5 * e, params) for e in torch.eye(p, dtype=D)]
-    assert hutchinson_trace(loss_fn, params, probes=basis)[0] == pytest.approx(
+    assert hutchinson_trace(loss_fn, params, probes=scaled_basis(params))[0] == pytest.approx(
         float(torch.trace(h)), abs=1e-10
     )
-    mean, se = hutchinson_trace(loss_fn, params, num_samples=100, generator=gen(2))
+    mean, se = hutchinson_trace(loss_fn, params, num_samples=200, generator=gen(2))
     assert abs(mean - float(torch.trace(h))) < 4 * se
+    looped = hutchinson_trace(loss_fn, params, 10, gen(2), vectorize=False)
+    assert looped == pytest.approx(hutchinson_trace(loss_fn, params, 10, gen(2)), rel=1e-10)
 
     ev = torch.linalg.eigvalsh(h)
     top = ev[ev.abs().argmax()]
@@ -198,6 +205,12 @@ def test_mlp_xi_weighted_trace_and_gradient(mlp):
     assert xi_weighted_trace(loss_fn, w_a, devs) == pytest.approx(
         float(torch.trace(h_a @ xi)), rel=1e-10
     )
+    # the loop over workers gives the same numbers as the vmap
+    assert xi_weighted_trace(loss_fn, w_a, devs, vectorize=False) == pytest.approx(
+        xi_weighted_trace(loss_fn, w_a, devs), rel=1e-12
+    )
+    looped = grad_xi_weighted_trace(loss_fn, w_a, devs, vectorize=False)
+    assert torch.allclose(flatten(looped), flatten(grad_xi_weighted_trace(loss_fn, w_a, devs)))
     # exact: reverse mode through the explicitly formed Hessian, w -> (1/2) Tr(H(w) Xi)
     got = flatten(grad_xi_weighted_trace(loss_fn, w_a, devs))
     want = grad(lambda v: 0.5 * torch.trace(hessian(flat_loss)(v) @ xi))(w)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from dsgd._types import Params
 
@@ -82,6 +82,33 @@ def flatten_stacked(stacked: dict[str, Tensor]) -> Tensor:
     return torch.cat([s.reshape(s.shape[0], -1) for s in stacked.values()], dim=1)
 
 
+def batched_grad(
+    loss_fn: LossFn,
+    points: dict[str, Tensor],
+    vectorize: bool = True,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """``grad L`` at each of n points: ``{name: (n, *shape)} -> {name: (n, *shape)}``, detached.
+
+    ``vectorize=True`` evaluates all points in one ``vmap`` (in chunks of ``chunk_size`` to bound
+    memory); use ``False`` for losses vmap cannot batch (data-dependent control flow, BatchNorm
+    in train mode), which loops over the points instead.
+    """
+    g = grad(loss_fn)
+    if vectorize:
+        out = vmap(g, chunk_size=chunk_size)(points)
+    else:
+        n = next(iter(points.values())).shape[0]
+        gs = [g({k: v[i] for k, v in points.items()}) for i in range(n)]
+        out = {k: torch.stack([x[k] for x in gs]) for k in points}
+    return {k: v.detach() for k, v in out.items()}
+
+
+def stack_trees(trees: list[Params]) -> dict[str, Tensor]:
+    """``[{name: shape}] * n -> {name: (n, *shape)}``."""
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
 # --- tree arithmetic ------------------------------------------------------------------------
 
 
@@ -106,11 +133,6 @@ def tree_norm(a: Params) -> float:
 
 def tree_zeros_like(a: Params) -> Params:
     return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
-def tree_mean(trees: list[Params]) -> Params:
-    """Entry-wise mean of a list of trees."""
-    return {k: torch.stack([t[k] for t in trees]).mean(0) for k in trees[0]}
 
 
 def tree_detach(a: Params) -> Params:

@@ -77,11 +77,14 @@ def consensus_spectrum(stacked: Stacked, k: int) -> Tensor:
     return torch.cat([ev, ev.new_zeros(k - m)])
 
 
-def sample_xi(stacked: Stacked, n: int, generator: torch.Generator | None = None) -> list[Params]:
+def sample_xi_stacked(
+    stacked: Stacked, n: int, generator: torch.Generator | None = None
+) -> Stacked:
     """Draw n samples eps ~ N(0, Xi) as ``eps = (1/sqrt(m)) sum_j z_j d_j``, z ~ N(0, I_m).
 
-    Exact, not an approximation: Cov(eps) = (1/m) sum_j d_j d_j^T = Xi. Each sample lies in the
-    span of the deviations. The normal draws are made on the generator's device (CPU if None).
+    Returns them stacked, ``{name: (n, *shape)}``. Exact, not an approximation:
+    Cov(eps) = (1/m) sum_j d_j d_j^T = Xi. Each sample lies in the span of the deviations.
+    The normal draws are made on the generator's device (CPU if None).
     """
     devs = deviations(stacked)
     first = next(iter(devs.values()))
@@ -89,5 +92,10 @@ def sample_xi(stacked: Stacked, n: int, generator: torch.Generator | None = None
     gdev = generator.device if generator is not None else torch.device("cpu")
     z = torch.randn(n, m, generator=generator, dtype=first.dtype, device=gdev)
     z = z.to(first.device) / math.sqrt(m)  # (n, m)
-    flat = {k: torch.tensordot(z, d, dims=([1], [0])) for k, d in devs.items()}  # (n, *shape)
-    return [{k: v[i] for k, v in flat.items()} for i in range(n)]
+    return {k: torch.tensordot(z, d, dims=([1], [0])) for k, d in devs.items()}  # (n, *shape)
+
+
+def sample_xi(stacked: Stacked, n: int, generator: torch.Generator | None = None) -> list[Params]:
+    """:func:`sample_xi_stacked` as a list of n parameter dicts (same draws for the same seed)."""
+    eps = sample_xi_stacked(stacked, n, generator)
+    return [{k: v[i] for k, v in eps.items()} for i in range(n)]

@@ -3,9 +3,9 @@
 All functions take ``loss_fn: Callable[[Params], Tensor]`` (see ``dsgd.metrics._func``) and
 differentiate it with ``torch.func``:
 
-    H v              = jvp(grad L)(w; v)                      (forward-over-reverse)
-    d^T H(w) d       = d^2/dt^2 L(w + t d) at t = 0           (forward-over-forward)
-    grad_w d^T H(w) d = grad of the above                     (third derivative L'''[d, d, .])
+    H v                = jvp(grad L)(w; v)                   (forward-over-reverse)
+    d^T H(w) d         = <d, H(w) d>
+    grad_w d^T H(w) d  = d/dt H(w + t d) d = L'''(w)[d, d, .]  (a jvp of the HVP)
 
 The D-SGD quantities (Zhu et al., ICML 2023, main theorem) are the Xi-weighted trace
 Tr(H Xi) = (1/m) sum_j d_j^T H d_j and its gradient with Xi held fixed, the sharpness
@@ -18,7 +18,7 @@ import math
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vmap
 
 from dsgd._types import Params, Stacked
 from dsgd.metrics._func import (
@@ -28,9 +28,23 @@ from dsgd.metrics._func import (
     tree_dot,
     tree_norm,
     tree_scale,
-    tree_zeros_like,
     unflatten,
 )
+
+
+def _batched(fn, trees: Stacked, vectorize: bool, chunk_size: int | None):
+    """``fn`` applied to each tree of ``{name: (n, *shape)}``; results stacked on a leading n axis.
+
+    One ``vmap`` (optionally chunked) or, with ``vectorize=False``, a loop for losses vmap cannot
+    batch (data-dependent control flow, BatchNorm in train mode).
+    """
+    if vectorize:
+        return vmap(fn, chunk_size=chunk_size)(trees)
+    n = next(iter(trees.values())).shape[0]
+    outs = [fn({k: t[i] for k, t in trees.items()}) for i in range(n)]
+    if isinstance(outs[0], dict):
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    return torch.stack(outs)
 
 
 def hvp(loss_fn: LossFn, params: Params, v: Params) -> Params:
@@ -52,17 +66,26 @@ def hutchinson_trace(
     params: Params,
     num_samples: int = 100,
     generator: torch.Generator | None = None,
-    probes: list[Params] | None = None,
+    probes: Stacked | None = None,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
 ) -> tuple[float, float]:
     """Hutchinson's estimate of Tr H: the mean of v^T H v over Rademacher probes v.
 
-    Returns ``(mean, stderr)``, stderr = std / sqrt(n) of the per-probe values. With explicit
-    ``probes`` the estimate is exact whenever (1/n) sum v v^T = I, e.g. the scaled basis
-    ``sqrt(P) e_i`` (stderr then measures spread, not error).
+    Returns ``(mean, stderr)``, stderr = std / sqrt(n) of the per-probe values. ``probes``
+    (``{name: (n, *shape)}``) replaces the random ones; the estimate is then exact whenever
+    (1/n) sum v v^T = I, e.g. the scaled basis ``sqrt(P) e_i`` (stderr then measures spread, not
+    error). The HVPs are vmapped over the probes (in chunks of ``chunk_size``) unless
+    ``vectorize=False``.
     """
     if probes is None:
-        probes = (random_like(params, generator, "rademacher") for _ in range(num_samples))
-    vals = torch.stack([tree_dot(v, hvp(loss_fn, params, v)).double() for v in probes])
+        template = {k: p.expand(num_samples, *p.shape) for k, p in params.items()}
+        probes = random_like(template, generator, "rademacher")  # {name: (n, *shape)}
+
+    def quad(v: Params) -> Tensor:
+        return tree_dot(v, hvp(loss_fn, params, v))
+
+    vals = _batched(quad, probes, vectorize, chunk_size).double()  # (n,)
     n = vals.numel()
     stderr = float(vals.std() / math.sqrt(n)) if n > 1 else float("nan")
     return float(vals.mean()), stderr
@@ -142,34 +165,44 @@ def lanczos_top_k(
     return ev[:k]
 
 
-def _worker(devs: Stacked, j: int) -> Params:
-    return {name: d[j] for name, d in devs.items()}
-
-
-def xi_weighted_trace(loss_fn: LossFn, w_a: Params, devs: Stacked) -> float:
+def xi_weighted_trace(
+    loss_fn: LossFn,
+    w_a: Params,
+    devs: Stacked,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
+) -> float:
     """``Tr(H(w_a) Xi) = (1/m) sum_j d_j^T H(w_a) d_j`` with ``devs = {name: (m, *shape)}``.
 
-    Xi = (1/m) sum_j d_j d_j^T is the consensus covariance (Zhu et al., ICML 2023); one
-    second directional derivative per worker, Xi is never formed.
+    Xi = (1/m) sum_j d_j d_j^T is the consensus covariance (Zhu et al., ICML 2023); one HVP per
+    worker (vmapped over the workers unless ``vectorize=False``), Xi is never formed.
     """
-    m = next(iter(devs.values())).shape[0]
-    total = sum(float(second_directional(loss_fn, w_a, _worker(devs, j))) for j in range(m))
-    return total / m
+
+    def quad(d: Params) -> Tensor:
+        return tree_dot(d, hvp(loss_fn, w_a, d))
+
+    return float(_batched(quad, devs, vectorize, chunk_size).double().mean())  # mean of (m,)
 
 
-def grad_xi_weighted_trace(loss_fn: LossFn, w_a: Params, devs: Stacked) -> Params:
+def grad_xi_weighted_trace(
+    loss_fn: LossFn,
+    w_a: Params,
+    devs: Stacked,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
+) -> Params:
     """``grad_w [ (1/2) Tr(H(w) Xi) ]`` at ``w = w_a``, with Xi (the deviations) held fixed.
 
     Equals (1/m) sum_j (1/2) grad_w (d_j^T H(w) d_j) = (1/(2m)) sum_j L'''(w_a)[d_j, d_j, .],
     the second-order term of (1/m) sum_j grad L(w_a + d_j) around w_a, i.e. the gradient of the
-    sharpness regularizer that D-SGD implicitly descends (Zhu et al., ICML 2023). Exact: reverse
-    mode over two nested forward-mode jvps, one worker at a time (memory of one).
-    Zero for a quadratic loss.
+    sharpness regularizer that D-SGD implicitly descends (Zhu et al., ICML 2023). Exact: since
+    third derivatives are symmetric, L'''[d, d, .] = d/dt H(w + t d) d at t = 0, a forward-mode
+    jvp of the HVP (forward-over-forward-over-reverse), vmapped over the workers unless
+    ``vectorize=False``. Zero for a quadratic loss.
     """
-    m = next(iter(devs.values())).shape[0]
-    out = tree_zeros_like(w_a)
-    for j in range(m):
-        d = _worker(devs, j)
-        g = grad(lambda w, d=d: second_directional(loss_fn, w, d))(w_a)
-        out = {k: out[k] + g[k].detach() for k in out}
-    return tree_scale(out, 0.5 / m)
+
+    def third(d: Params) -> Params:
+        return jvp(lambda w: hvp(loss_fn, w, d), (w_a,), (d,))[1]
+
+    t = _batched(third, devs, vectorize, chunk_size)  # {name: (m, *shape)}
+    return {k: 0.5 * v.detach().mean(0) for k, v in t.items()}

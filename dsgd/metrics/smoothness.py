@@ -17,18 +17,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.func import grad
 
-from dsgd._types import Params
-from dsgd.metrics._func import (
-    LossFn,
-    random_like,
-    tree_add,
-    tree_detach,
-    tree_norm,
-    tree_scale,
-    tree_zeros_like,
-)
+from dsgd._types import Params, Stacked
+from dsgd.metrics._func import LossFn, batched_grad, random_like, stack_trees, tree_scale
 
 # sampler(n, generator) -> n perturbations eps ~ N(0, Sigma), each shaped like the parameters
 CovSampler = Callable[[int, "torch.Generator | None"], list[Params]]
@@ -48,18 +39,22 @@ def isotropic_sampler(params: Params, sigma: float) -> CovSampler:
     return sample
 
 
-def _unit_dirs(params: Params, num_dirs: int, generator) -> list[Params]:
-    dirs = [random_like(params, generator) for _ in range(num_dirs)]
-    return [tree_scale(u, 1.0 / tree_norm(u)) for u in dirs]
+def _unit_dirs(params: Params, num_dirs: int, generator) -> Stacked:
+    """num_dirs directions, uniform on the unit sphere of the whole parameter space. (n, *shape)"""
+    u = random_like({k: p.expand(num_dirs, *p.shape) for k, p in params.items()}, generator)
+    norms = torch.sqrt(sum(v.reshape(num_dirs, -1).pow(2).sum(1) for v in u.values()))  # (n,)
+    return {k: v / norms.view(-1, *([1] * (v.dim() - 1))) for k, v in u.items()}
 
 
-def _ratios(grad_at: Callable[[Params], Params], params, radius, dirs) -> LipschitzEstimate:
-    g0 = grad_at(params)
-    r = [
-        tree_norm(tree_add(grad_at(tree_add(params, u, alpha=radius)), g0, alpha=-1.0)) / radius
-        for u in dirs
-    ]
-    return LipschitzEstimate(max=max(r), mean=sum(r) / len(r))
+def _ratios(
+    grad_at: Callable[[Stacked], Stacked], params: Params, radius: float, dirs: Stacked
+) -> LipschitzEstimate:
+    g0 = grad_at({k: p.unsqueeze(0) for k, p in params.items()})  # (1, *shape)
+    g = grad_at({k: params[k] + radius * u for k, u in dirs.items()})  # (n, *shape)
+    n = next(iter(dirs.values())).shape[0]
+    sq = sum((g[k] - g0[k]).reshape(n, -1).double().pow(2).sum(1) for k in g)  # (n,)
+    r = sq.sqrt() / radius
+    return LipschitzEstimate(max=float(r.max()), mean=float(r.mean()))
 
 
 def gradient_lipschitz(
@@ -68,13 +63,14 @@ def gradient_lipschitz(
     radius: float,
     num_dirs: int = 16,
     generator: torch.Generator | None = None,
+    vectorize: bool = True,
 ) -> LipschitzEstimate:
-    """``max`` and ``mean`` over random unit u of ``||grad L(w + r u) - grad L(w)|| / r``."""
+    """``max`` and ``mean`` over random unit u of ``||grad L(w + r u) - grad L(w)|| / r``.
 
-    def grad_at(w: Params) -> Params:
-        return tree_detach(grad(loss_fn)(w))
-
-    return _ratios(grad_at, params, radius, _unit_dirs(params, num_dirs, generator))
+    ``vectorize`` is passed to ``batched_grad`` (one vmap over the directions).
+    """
+    dirs = _unit_dirs(params, num_dirs, generator)
+    return _ratios(lambda pts: batched_grad(loss_fn, pts, vectorize), params, radius, dirs)
 
 
 def smoothed_gradient_lipschitz(
@@ -85,6 +81,7 @@ def smoothed_gradient_lipschitz(
     num_dirs: int = 16,
     num_samples: int = 32,
     generator: torch.Generator | None = None,
+    vectorize: bool = True,
 ) -> LipschitzEstimate:
     """The same ratio for the smoothed loss L_Sigma(w) = E_{eps ~ N(0, Sigma)} L(w + eps).
 
@@ -92,15 +89,20 @@ def smoothed_gradient_lipschitz(
     K = ``num_samples`` draws from ``cov_sampler`` (e.g. ``lambda n, g: sample_xi(stacked, n,
     g)`` for Sigma = Xi). The same draws are used at w and at every w + r u (common random
     numbers), so the differences measure the smoothed gradient's change, not Monte Carlo noise.
+    For a non-smooth L (ReLU, |w|) the K-sample estimate is itself piecewise constant in w, so
+    keep ``radius`` well above the scale at which single samples cross a kink (a fair fraction
+    of the smoothing std); a smaller radius needs proportionally more samples. The directions
+    are drawn from ``generator`` before the samples, so they match ``gradient_lipschitz``'s.
     """
-    eps = cov_sampler(num_samples, generator)
-    g = grad(loss_fn)
+    dirs = _unit_dirs(params, num_dirs, generator)
+    eps = stack_trees(cov_sampler(num_samples, generator))  # {name: (K, *shape)}
 
-    def grad_at(w: Params) -> Params:
-        acc = tree_zeros_like(w)
-        for e in eps:
-            acc = tree_add(acc, tree_detach(g(tree_add(w, e))))
-            acc = tree_add(acc, tree_detach(g(tree_add(w, e, alpha=-1.0))))
-        return tree_scale(acc, 1.0 / (2 * len(eps)))
+    def grad_at(points: Stacked) -> Stacked:  # one vmap over the 2K samples per point
+        n = next(iter(points.values())).shape[0]
+        out = []
+        for i in range(n):
+            pts = {k: torch.cat([points[k][i] + e, points[k][i] - e]) for k, e in eps.items()}
+            out.append({k: g.mean(0) for k, g in batched_grad(loss_fn, pts, vectorize).items()})
+        return stack_trees(out)
 
-    return _ratios(grad_at, params, radius, _unit_dirs(params, num_dirs, generator))
+    return _ratios(grad_at, params, radius, dirs)
