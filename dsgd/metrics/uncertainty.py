@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from dsgd._types import Params, Stacked
-from dsgd.optim.avg_sam import deviations, sample_low_rank
+from dsgd.metrics.consensus import deviations
+from dsgd.metrics.consensus import sample_xi_stacked as sample_low_rank
 
 _TINY = 1e-12  # clamps log(0) in nll / entropy
 
@@ -188,7 +189,7 @@ def posterior_probs(
     batch_size: int = 1024,
 ) -> Tensor:
     """``(1/S) sum_s softmax(f(x; w_a + eps_s))``, eps_s ~ N(0, Xi) with Xi the consensus
-    covariance of ``stacked``, drawn low-rank (``dsgd.optim.avg_sam.sample_low_rank``), (N, C).
+    covariance of ``stacked``, drawn low-rank (``consensus.sample_xi_stacked``), (N, C).
 
     Buffers are the workers' average, as in ``averaged_probs``.
     """

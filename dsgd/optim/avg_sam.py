@@ -24,7 +24,6 @@ Sigma is one of:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from dsgd._types import Stacked
+from dsgd.metrics.consensus import deviations, sample_xi_stacked
 from dsgd.optim.sam import GradFn, add
 
 
@@ -42,22 +42,14 @@ def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | No
     return z.to(like.device)
 
 
-def deviations(stacked: Stacked) -> Stacked:
-    """``d_j = w_j - w_a`` with ``w_a = (1/m) sum_j w_j``: {name: (m, *shape)}."""
-    return {k: v - v.mean(0, keepdim=True) for k, v in stacked.items()}
-
-
 def sample_low_rank(devs: Stacked, num: int, generator: torch.Generator | None = None) -> Stacked:
     """``num`` draws of eps ~ N(0, Xi), Xi = (1/n) sum_i d_i d_i^T, as {name: (num, *shape)}.
 
-    eps = sum_i z_i d_i / sqrt(n) with z ~ N(0, I_n): then E[eps eps^T] = (1/n) D^T D = Xi
-    (1/n, not 1/(n-1), as the consensus covariance). The same z is used across dict entries, so
-    the draw is from the joint covariance over all parameters, not a block-diagonal one.
+    The sampler of ``dsgd.metrics.consensus``: eps = sum_i z_i d_i / sqrt(n), z ~ N(0, I_n),
+    one z across all dict entries (the joint covariance). ``devs`` are already centred, and
+    centring them again changes nothing.
     """
-    first = next(iter(devs.values()))
-    n = first.shape[0]
-    z = _randn((num, n), first, generator) / math.sqrt(n)  # (num, n)
-    return {k: (z @ d.flatten(1)).view(num, *d.shape[1:]) for k, d in devs.items()}
+    return sample_xi_stacked(devs, num, generator)
 
 
 class Covariance(Protocol):
