@@ -243,10 +243,12 @@ class TorchDistributedCommunicator:
             "resume with --resume", peer=peer, step=self.step, elapsed_s=elapsed)
 
     def _wait(self, works, peers, what: str, started: float) -> None:
-        timeout = timedelta(seconds=self.timeout_s)
+        """Wait for every work, ``timeout_s`` in all from ``started`` (not per work)."""
+        deadline = started + self.timeout_s
         for work, peer in zip(works, peers):
+            left = max(deadline - time.monotonic(), 1e-3)
             try:
-                work.wait(timeout=timeout)
+                work.wait(timeout=timedelta(seconds=left))
             except RuntimeError as e:  # DistBackendError, gloo's "Connection closed", timeouts
                 raise self._failure(what, peer, started, e) from e
 

@@ -1,0 +1,242 @@
+"""The distributed communicator: its exchange plan, the torchrun engine against the
+single-process one, its byte count, and what a killed or hung peer does to the others.
+
+Process start-up dominates (each rank imports torch), so one torchrun job runs every
+equivalence config and the two fault jobs run side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dsgd.engine.distributed import gossip_plan
+from dsgd.topology import make_topology
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distributed_worker import batches, make_engine  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = str(ROOT / "tests" / "distributed_worker.py")
+WORLD = 4
+P = 66  # parameters of distributed_worker.mlp()
+STEPS = 20
+
+CONFIGS = [
+    {"name": "ring_m4", "topology": "ring", "m": 4},
+    {"name": "exponential_m4", "topology": "exponential", "m": 4},
+    {"name": "ring_m4_momentum", "topology": "ring", "m": 4, "momentum": 0.9},
+    {"name": "one_peer_exp_m8", "topology": "one_peer_exponential", "m": 8, "momentum": 0.9},
+    {"name": "exponential_m8_shuffle", "topology": "exponential", "m": 8, "shuffle": True},
+    {"name": "torus_m8_batchnorm", "topology": "torus", "m": 8, "batchnorm": True},
+    {"name": "csgd_m8", "topology": "ring", "m": 8, "algorithm": "csgd"},
+    {"name": "csgd_m4_momentum", "topology": "ring", "m": 4, "algorithm": "csgd",
+     "momentum": 0.9},
+]
+for _cfg in CONFIGS:
+    _cfg["steps"] = STEPS
+
+
+# ---- the plan, in one process ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ring", "exponential", "torus", "star", "complete",
+                                  "one_peer_exponential"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_plan_exchanges_exactly_what_gossip_needs(name, world):
+    m = 8
+    topo = make_topology(name, m, shuffle=name == "ring", seed=1)
+    x = torch.randn(m, 3, dtype=torch.float64)
+    b = m // world
+    for step in range(3):
+        P = topo.matrix(step)
+        plans = [gossip_plan(P, r, world) for r in range(world)]
+        for r, plan in enumerate(plans):
+            received = []
+            for q, n in plan.recvs:
+                sent = dict(plans[q].sends)[r]  # what q sends to r is what r expects from q
+                assert len(sent) == n
+                received.append(x[q * b + sent])
+            mixed = plan.weights @ torch.cat([x[r * b:(r + 1) * b], *received])
+            torch.testing.assert_close(mixed, (P @ x)[r * b:(r + 1) * b])
+            # nothing is sent that no one reads: each sent row has a reader on the peer
+            for q, idx in plan.sends:
+                assert (P[q * b:(q + 1) * b, r * b + idx] != 0).any(0).all()
+
+
+def test_ring_plan_sends_one_row_to_each_neighbour():
+    plan = gossip_plan(make_topology("ring", 8).matrix(0), rank=3, world_size=8)
+    assert [(q, idx.tolist()) for q, idx in plan.sends] == [(2, [0]), (4, [0])]
+    assert plan.recvs == ((2, 1), (4, 1))
+
+
+# ---- launching processes -----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def spawn(configs: list[dict], out: Path, tag: str) -> list[subprocess.Popen]:
+    """WORLD processes with torchrun's variables set by hand, rendezvous on 127.0.0.1."""
+    spec = out / f"{tag}.json"
+    spec.write_text(json.dumps(configs))
+    port = free_port()
+    procs = []
+    for r in range(WORLD):
+        with open(out / f"{tag}.rank{r}.log", "w") as log:  # the child keeps its own handle
+            procs.append(subprocess.Popen(
+                [sys.executable, WORKER, str(spec), str(out)], stdout=log, stderr=log, cwd=ROOT,
+                env=env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=WORLD, MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)))
+    return procs
+
+
+def logs(out: Path, tag: str) -> str:
+    return "\n".join(p.read_text()[-2000:] for p in sorted(out.glob(f"{tag}*.log")))
+
+
+@pytest.fixture(scope="module")
+def torchrun_results(tmp_path_factory):
+    """Every equivalence config in one ``torchrun --standalone`` job of WORLD processes."""
+    out = tmp_path_factory.mktemp("torchrun")
+    spec = out / "configs.json"
+    spec.write_text(json.dumps(CONFIGS))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", WORKER, str(spec), str(out)]
+    with open(out / "torchrun.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=log, cwd=ROOT, env=env(),
+                            timeout=150).returncode
+    assert rc == 0, (out / "torchrun.log").read_text()[-4000:]
+    return {cfg["name"]: [torch.load(out / f"{cfg['name']}.rank{r}.pt") for r in range(WORLD)]
+            for cfg in CONFIGS}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c["name"] for c in CONFIGS])
+def test_torchrun_engine_equals_single_process_engine(torchrun_results, cfg):
+    parts = torchrun_results[cfg["name"]]
+    b = cfg["m"] // WORLD
+    assert [p["workers"] for p in parts] == [list(range(r * b, (r + 1) * b))
+                                             for r in range(WORLD)]
+    assert all(p["steps"] == STEPS for p in parts)
+    ref = make_engine(cfg)
+    for x, y in batches(cfg["m"], STEPS):
+        ref.step(x, y)
+    torch.testing.assert_close(torch.cat([p["w"] for p in parts]), ref.w, atol=1e-5, rtol=0)
+    if cfg.get("algorithm") != "csgd":  # the test is not vacuous: the workers disagree
+        assert (ref.w - ref.w.mean(0)).abs().max() > 1e-3
+
+
+def test_bytes_sent_is_neighbour_rows_only(torchrun_results):
+    row = P * 4  # one worker's float32 weights
+    # ring, one worker per rank: two neighbours, one row each, per step
+    assert [p["bytes_sent"] for p in torchrun_results["ring_m4"]] == [STEPS * 2 * row] * WORLD
+    # exponential(4): i reads i+1 and i+2, so each rank serves two ranks
+    assert [p["bytes_sent"] for p in torchrun_results["exponential_m4"]] == [STEPS * 2 * row] * 4
+    # C-SGD: one all-reduce of the gradient per step, counted at its nominal size
+    assert [p["bytes_sent"] for p in torchrun_results["csgd_m8"]] == [STEPS * row] * WORLD
+    # one-peer exponential, 2 workers per rank: offsets 1, 2, 4 need 1, 2, 2 remote rows
+    rows = sum((1, 2, 2)[t % 3] for t in range(STEPS))
+    assert [p["bytes_sent"] for p in torchrun_results["one_peer_exp_m8"]] == [rows * row] * 4
+    # an all-gather of every worker would send (W - 1) rows per rank and step
+    assert torchrun_results["ring_m4"][0]["bytes_sent"] < STEPS * (WORLD - 1) * row
+
+
+# ---- faults ------------------------------------------------------------------------------------
+KILL_TIMEOUT_S = 60  # long: a killed peer must be noticed at once, not by the timeout
+HANG_TIMEOUT_S = 10
+MESSAGE = re.compile(r"worker process \d \(or a peer\) stopped responding during gossip at step "
+                     r"\d+ after [\d.]+ s \((connection lost|timed out)[^)]*\); the run's "
+                     r"checkpoints in \S+ are intact: resume with --resume")
+
+
+def wait_for(path: Path, procs, limit_s: float) -> float:
+    deadline = time.time() + limit_s
+    while not path.exists():
+        assert time.time() < deadline, f"{path.name} never appeared"
+        assert all(p.poll() is None for p in procs), "a rank exited before the fault"
+        time.sleep(0.1)
+    return time.time()
+
+
+def finish(procs, victim: int, limit_s: float) -> dict[int, tuple[int, float]]:
+    """Wait for the survivors (at most limit_s), then kill the victim; {rank: (rc, time)}."""
+    deadline, done = time.time() + limit_s, {}
+    try:
+        while len(done) < len(procs) - 1 and time.time() < deadline:
+            for r, p in enumerate(procs):
+                if r != victim and r not in done and p.poll() is not None:
+                    done[r] = (p.returncode, time.time())
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    return done
+
+
+@pytest.fixture(scope="module")
+def fault_jobs(tmp_path_factory):
+    """A killed peer and a hung peer, two jobs of WORLD processes started together."""
+    out = tmp_path_factory.mktemp("faults")
+    common = {"topology": "ring", "m": 4, "steps": STEPS, "checkpoint_dir": "runs/demo"}
+    kill = spawn([{**common, "name": "kill", "timeout_s": KILL_TIMEOUT_S,
+                   "fault": {"rank": 2, "step": 5, "kind": "wait"}}], out, "kill")
+    hang = spawn([{**common, "name": "hang", "timeout_s": HANG_TIMEOUT_S,
+                   "fault": {"rank": 2, "step": 5, "kind": "hang"}}], out, "hang")
+    try:
+        yield out, kill, hang
+    finally:
+        for p in kill + hang:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def check_survivors(out: Path, tag: str, done: dict, since: float, within_s: float):
+    assert sorted(done) == [0, 1, 3], f"survivors did not exit in time:\n{logs(out, tag)}"
+    for r, (rc, when) in done.items():
+        assert rc == 2, logs(out, tag)
+        assert when - since < within_s, f"rank {r} took {when - since:.1f} s"
+        message = (out / f"{tag}.rank{r}.error").read_text().splitlines()[1]
+        assert MESSAGE.fullmatch(message), message
+    return {r: float(re.search(r"after ([\d.]+) s", (out / f"{tag}.rank{r}.error")
+                               .read_text()).group(1)) for r in done}
+
+
+def test_killed_peer_stops_the_others_at_once(fault_jobs):
+    out, procs, _ = fault_jobs
+    wait_for(out / "kill.rank2.ready", procs, 120)
+    killed = time.time()
+    procs[2].send_signal(signal.SIGKILL)
+    done = finish(procs, victim=2, limit_s=KILL_TIMEOUT_S / 2)
+    check_survivors(out, "kill", done, killed, within_s=KILL_TIMEOUT_S / 2)
+    assert "connection lost" in (out / "kill.rank1.error").read_text()
+
+
+def test_hung_peer_stops_the_others_after_the_timeout(fault_jobs):
+    out, _, procs = fault_jobs
+    hung = wait_for(out / "hang.rank2.ready", procs, 120)
+    done = finish(procs, victim=2, limit_s=HANG_TIMEOUT_S + 30)
+    waited = check_survivors(out, "hang", done, hung, within_s=HANG_TIMEOUT_S + 15)
+    # the neighbours of rank 2 give up after the timeout, no sooner
+    assert min(waited[1], waited[3]) >= HANG_TIMEOUT_S * 0.9, waited
+    assert "timed out" in (out / "hang.rank1.error").read_text()
