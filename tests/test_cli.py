@@ -63,8 +63,9 @@ def test_config_round_trips_through_toml():
 
 def test_run_writes_metrics_summary_and_resolved_config(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", *sets(), "--out", str(out)]) == 0
+    assert main(["train", *sets("log.tensorboard=true"), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
     assert rows[-1]["test_acc"] > 0.3  # 10 separable clusters, chance is 0.1
     assert all(r["consensus"] > 0 for r in rows)
