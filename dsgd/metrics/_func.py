@@ -131,10 +131,6 @@ def tree_norm(a: Params) -> float:
     return float(torch.sqrt(sum(a[k].double().pow(2).sum() for k in a)))
 
 
-def tree_zeros_like(a: Params) -> Params:
-    return {k: torch.zeros_like(v) for k, v in a.items()}
-
-
 def tree_detach(a: Params) -> Params:
     return {k: v.detach() for k, v in a.items()}
 

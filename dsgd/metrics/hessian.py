@@ -132,6 +132,7 @@ def lanczos_top_k(
 
     ``iters`` Lanczos steps (capped at P) with full reorthogonalization in float64; the Ritz
     values of the (iters x iters) tridiagonal matrix approximate H's extreme eigenvalues first.
+    Memory: the iters Lanczos vectors, iters * P float64 numbers.
     """
     flat0 = flatten(params)
     p, dtype = flat0.numel(), flat0.dtype
