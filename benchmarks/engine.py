@@ -1,0 +1,387 @@
+"""Throughput and peak memory of the D-SGD engine against C-SGD on one model and the paper's loop.
+
+For each model and number of workers m (per-worker batch 32, random data of the dataset's shape)
+this measures samples/s = m * 32 / (median step time) and peak memory of
+
+  (a) ``Engine`` D-SGD on a ring, gradient strategy auto (and vmap and loop separately);
+  (b) C-SGD on ONE model at the same total batch m * 32 (plain torch, torch.optim.SGD): the same
+      FLOPs, so the practical upper limit for any m-worker simulation;
+  (c) ``ReferenceEngine``: m nn.Module copies, one torch.optim.SGD each, gossip by state-dict
+      copies (its gossip sums over all m workers, O(m^2) tensor ops);
+  (c') the paper's loop with gossip over the neighbours only (what the authors' code does), a
+      fairer loop baseline for large m.
+
+Every configuration runs in a fresh subprocess, so the peak memory is that process's own high-water
+mark: CPU ``VmHWM`` from /proc/self/status minus ``VmRSS`` after imports and model construction
+(the data batch, the engine state and the activations are counted); GPU
+``torch.cuda.max_memory_allocated``. Time is the median of ``--repeats`` timed steps after two
+warmup steps; a configuration whose first step takes longer than ``--step-limit`` seconds is
+skipped ("—"), and slow ones are timed with fewer repeats (column n).
+
+    python benchmarks/engine.py --quick
+    python benchmarks/engine.py --models mlp lenet5 --workers 1 4 16 64 256 --repeats 7
+    python benchmarks/engine.py --profile mlp:64:vmap
+    python benchmarks/engine.py --device cuda
+    python benchmarks/engine.py --device cuda --paper-projection
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH = 32
+SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet8": (3, 32, 32),
+          "resnet20": (3, 32, 32), "resnet18_micro": (3, 32, 32)}
+METHODS = ("vmap", "loop", "csgd1", "ref", "paper")
+QUICK = {"models": ["mlp", "lenet5", "resnet8"], "workers": [1, 16, 64], "repeats": 5}
+
+
+# ---- measurement (runs in the child process) ---------------------------------------------------
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PaperLoop:
+    """The authors' loop: m modules, torch.optim.SGD each; after the local steps every worker
+    takes sum_k P[j, k] w_k(t) over its neighbours k (non-zero weights) from state-dict copies."""
+
+    def __init__(self, model, P, lr: float = 0.01):
+        import copy
+
+        import torch
+        self.workers = [copy.deepcopy(model) for _ in range(P.shape[0])]
+        self.opts = [torch.optim.SGD(w.parameters(), lr=lr) for w in self.workers]
+        self.P = P.float()
+        self.nbrs = [[(k, float(self.P[j, k])) for k in torch.nonzero(self.P[j]).flatten().tolist()]
+                     for j in range(P.shape[0])]
+
+    def step(self, x, y):
+        import torch
+        import torch.nn.functional as F
+        for j, (w, opt) in enumerate(zip(self.workers, self.opts, strict=True)):
+            opt.zero_grad()
+            F.cross_entropy(w(x[j]), y[j]).backward()
+        before = [{n: t.clone() for n, t in w.state_dict().items()} for w in self.workers]
+        for opt in self.opts:
+            opt.step()
+        with torch.no_grad():
+            for j, w in enumerate(self.workers):
+                for name, p in w.named_parameters():
+                    p += sum(a * before[k][name] for k, a in self.nbrs[j]) - before[j][name]
+
+
+def _build_runner(model_name: str, m: int, method: str, device: str, image: int | None = None,
+                  batch: int = BATCH, topology: str = "ring", classes: int = 10):
+    """Return ``step()`` running one iteration of ``method`` with data already on the device."""
+    import torch
+    import torch.nn.functional as F
+
+    from dsgd.engine import Engine
+    from dsgd.engine.reference import ReferenceEngine
+    from dsgd.models import build_model
+    from dsgd.topology import make_topology
+
+    shape = SHAPES[model_name] if image is None else (3, image, image)
+    torch.manual_seed(0)
+    model = build_model(model_name, classes, shape).to(device)
+    x = torch.randn(m, batch, *shape, device=device)
+    y = torch.randint(0, classes, (m, batch), device=device)
+    if method == "csgd1":
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        xb, yb = x.reshape(m * batch, *shape), y.reshape(m * batch)
+        model.train()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        return step
+    if method in ("ref", "paper"):
+        topo = make_topology(topology, m)
+        eng = (ReferenceEngine(model, topo, lr=0.01) if method == "ref"
+               else PaperLoop(model, topo.matrix(0)))
+        return lambda: eng.step(x, y)
+    algorithm = "csgd" if method.startswith("csgd") else "dsgd"
+    strategy = method.split(":")[1] if ":" in method else method
+    if algorithm == "csgd":
+        topo = make_topology("complete", m)
+    else:
+        topo = make_topology(topology, m)
+    eng = Engine(model, topo, lr=0.01, strategy=strategy, algorithm=algorithm)
+    return lambda: eng.step(x, y)
+
+
+def _too_slow(signum, frame):
+    raise TimeoutError
+
+
+def measure(cfg: dict) -> dict:
+    """Time one configuration in this process; return a JSON-able result."""
+    import torch
+
+    import dsgd.engine  # noqa: F401
+    import dsgd.models  # noqa: F401  (import cost outside the baseline)
+    cuda = cfg["device"].startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base_kib = _proc_kib("VmRSS")
+    out = {k: cfg[k] for k in ("model", "m", "method")}
+    try:
+        step = _build_runner(cfg["model"], cfg["m"], cfg["method"], cfg["device"],
+                             cfg.get("image"), cfg.get("batch", BATCH),
+                             cfg.get("topology", "ring"))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        signal.signal(signal.SIGALRM, _too_slow)
+        signal.setitimer(signal.ITIMER_REAL, cfg["limit"])  # interrupts the first step
+        step()
+        sync()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        first = time.perf_counter() - t0
+        step()  # second warmup: caches, allocator
+        sync()
+        n = cfg["repeats"]
+        if first * n > cfg["budget"]:
+            n = max(3, int(cfg["budget"] / first))
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        return {**out, "skip": "out of memory"}
+    except TimeoutError:
+        return {**out, "skip": f"one step > {cfg['limit']:.0f} s"}
+    med = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else (_proc_kib("VmHWM") - base_kib) / 1024)
+    samples = cfg["m"] * cfg.get("batch", BATCH)
+    return {**out, "step_s": med, "n": n, "peak_mib": peak, "samples_s": samples / med,
+            "best_samples_s": samples / min(times)}
+
+
+def run_child(cfg: dict, timeout: float) -> dict:
+    """``measure(cfg)`` in a fresh interpreter (own memory high-water mark)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
+    base = {k: cfg[k] for k in ("model", "m", "method")}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "skip": f"timeout {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {**base, "skip": f"failed: {err[:60]}"}
+    return json.loads(lines[-1])
+
+
+# ---- tables ------------------------------------------------------------------------------------
+def _auto_strategy(model_name: str, device: str) -> str:
+    from dsgd.engine.engine import _is_conv
+    from dsgd.models import build_model
+    if device.startswith("cuda"):
+        return "vmap"
+    return "loop" if _is_conv(build_model(model_name, 10, SHAPES[model_name])) else "vmap"
+
+
+def _fmt(r: dict | None, key: str, spec: str) -> str:
+    if r is None or "skip" in r:
+        return "—"
+    return format(r[key], spec)
+
+
+def _ratio(a: dict | None, b: dict | None, key: str = "samples_s") -> str:
+    if a is None or b is None or "skip" in a or "skip" in b:
+        return "—"
+    return f"{a[key] / b[key]:.2f}"
+
+
+def print_table(results: dict, models: list[str], workers: dict[str, list[int]],
+                device: str) -> None:
+    mem = "peak MiB" if device == "cpu" else "max alloc MiB"
+    print(f"\nsamples/s (median step) and {mem}; per-worker batch {BATCH}; ring; device {device}")
+    print("a = Engine D-SGD (auto -> strategy), b = C-SGD one model at batch m*32, "
+          "c = ReferenceEngine, c' = paper loop (neighbours only)")
+    head = (f"| {'model':<14} | {'m':>4} | {'auto':>4} | {'a vmap':>9} | {'a loop':>9} | "
+            f"{'b C-SGD':>9} | {'c ref':>9} | {'c paper':>9} | {'a/b':>5} | {'a/c':>5} | "
+            f"{'a/c_':>5} | {'mem a':>7} | {'mem b':>7} | {'mem c':>7} | {'n':>3} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    skips = []
+    for model in models:
+        auto = _auto_strategy(model, device)
+        for m in workers[model]:
+            r = {meth: results.get((model, m, meth)) for meth in METHODS}
+            a = r[auto]
+            print(f"| {model:<14} | {m:>4} | {auto:>4} | {_fmt(r['vmap'], 'samples_s', '9.0f')} | "
+                  f"{_fmt(r['loop'], 'samples_s', '9.0f')} | "
+                  f"{_fmt(r['csgd1'], 'samples_s', '9.0f')} | "
+                  f"{_fmt(r['ref'], 'samples_s', '9.0f')} | "
+                  f"{_fmt(r['paper'], 'samples_s', '9.0f')} | {_ratio(a, r['csgd1']):>5} | "
+                  f"{_ratio(a, r['ref']):>5} | {_ratio(a, r['paper']):>5} | "
+                  f"{_fmt(a, 'peak_mib', '7.0f')} | {_fmt(r['csgd1'], 'peak_mib', '7.0f')} | "
+                  f"{_fmt(r['ref'], 'peak_mib', '7.0f')} | {_fmt(a, 'n', '3d')} |")
+            skips += [f"{model} m={m} {k}: {v['skip']}" for k, v in r.items()
+                      if v is not None and "skip" in v]
+    if skips:
+        print("skipped: " + "; ".join(skips))
+    print("\nthe same ratios from the fastest step of each configuration (less sensitive to other "
+          "load on the machine)")
+    print(f"| {'model':<14} | {'m':>4} | {'a/b':>5} | {'a/c':>5} | {'a/c_':>5} | "
+          f"{'vmap/loop':>9} |")
+    print(f"|{'-' * 16}|{'-' * 6}|{'-' * 7}|{'-' * 7}|{'-' * 7}|{'-' * 11}|")
+    for model in models:
+        auto = _auto_strategy(model, device)
+        for m in workers[model]:
+            r = {meth: results.get((model, m, meth)) for meth in METHODS}
+            a, k = r[auto], "best_samples_s"
+            print(f"| {model:<14} | {m:>4} | {_ratio(a, r['csgd1'], k):>5} | "
+                  f"{_ratio(a, r['ref'], k):>5} | {_ratio(a, r['paper'], k):>5} | "
+                  f"{_ratio(r['vmap'], r['loop'], k):>9} |")
+
+
+# ---- profiling ---------------------------------------------------------------------------------
+def profile(spec: str, device: str) -> None:
+    """``model:m:method``: torch.profiler table of 5 steps after 2 warmup steps."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+    model, m, method = spec.split(":")
+    step = _build_runner(model, int(m), method, device)
+    step()
+    step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(5):
+            step()
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(f"profile {spec} ({torch.get_num_threads()} threads), 5 steps")
+    print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=48))
+
+
+# ---- the paper's run, projected (GPU) ----------------------------------------------------------
+def paper_projection(args) -> None:
+    """Time 100 iterations of the paper's CIFAR-10 ResNet-18 (16 workers, 64 and 512 per worker)
+    and project to 6000 iterations and to the paper's 8 runs (C-SGD and D-SGD ring/grid/exp at
+    total batch 1024 and 8192). Iteration time is measured on ``--projection-steps`` steps."""
+    rows = []
+    for batch in (64, 512):
+        for label, method, topo in (("C-SGD", "csgd:auto", "complete"),
+                                    ("C-SGD, loop", "csgd:loop", "complete"),
+                                    ("D-SGD ring", "auto", "ring"),
+                                    ("D-SGD ring, loop", "loop", "ring")):
+            cfg = {"model": "resnet18_micro", "m": 16, "method": method, "device": args.device,
+                   "image": args.image, "batch": batch, "topology": topo,
+                   "limit": 600.0, "budget": 400.0, "repeats": args.projection_steps}
+            r = run_child(cfg, timeout=580)
+            rows.append((batch, label, r))
+    print(f"\nPaper projection: resnet18_micro, 10 classes, 3x{args.image}x{args.image}, "
+          "16 workers")
+    print(f"| {'batch/worker':>12} | {'run':<17} | {'s/100 it':>9} | {'h/6000 it':>9} | "
+          f"{'max alloc GiB':>13} |")
+    print(f"|{'-' * 14}|{'-' * 19}|{'-' * 11}|{'-' * 11}|{'-' * 15}|")
+    hours: dict[tuple[int, str], float] = {}
+    for batch, label, r in rows:
+        if "skip" in r:
+            print(f"| {batch:>12} | {label:<17} | {'—':>9} | {'—':>9} | {r['skip'][:13]:>13} |")
+            continue
+        s100 = r["step_s"] * 100
+        hours[(batch, label)] = s100 * 60 / 3600
+        print(f"| {batch:>12} | {label:<17} | {s100:9.1f} | {s100 * 60 / 3600:9.2f} | "
+              f"{r['peak_mib'] / 1024:13.1f} |")
+    total = 0.0
+    for batch in (64, 512):
+        dsgd = hours.get((batch, "D-SGD ring"), hours.get((batch, "D-SGD ring, loop")))
+        csgd = hours.get((batch, "C-SGD"), hours.get((batch, "C-SGD, loop")))
+        if dsgd is None or csgd is None:
+            print(f"8-run table: incomplete (batch {batch} not measured)")
+            return
+        total += csgd + 3 * dsgd  # ring, grid and exponential gossip cost the same here
+    print(f"8-run table (C-SGD + D-SGD ring/grid/exp at 16x64 and 16x512, 6000 it each): "
+          f"{total:.1f} GPU-hours in sequence (the authors report 8 to 50 hours per run)")
+
+
+# ---- main --------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["mlp", "lenet5", "resnet8", "resnet18_micro"])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 4, 16, 64, 256])
+    ap.add_argument("--mlp-extra", nargs="*", type=int, default=[1024],
+                    help="extra worker counts for the MLP only")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help=f"subset: {QUICK}")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--step-limit", type=float, default=20.0,
+                    help="skip a configuration whose first step takes longer (s)")
+    ap.add_argument("--budget", type=float, default=60.0,
+                    help="timed seconds per configuration; fewer repeats (>= 3) beyond it")
+    ap.add_argument("--paper-projection", action="store_true")
+    ap.add_argument("--image", type=int, default=56, help="image side for --paper-projection")
+    ap.add_argument("--projection-steps", type=int, default=10)
+    ap.add_argument("--profile", metavar="MODEL:M:METHOD")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    import torch
+    if args.child:
+        cfg = json.loads(args.child)
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg["threads"])
+        print(json.dumps(measure(cfg)))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args.profile, args.device)
+        return
+    if args.paper_projection:
+        paper_projection(args)
+        return
+    if args.quick:
+        args.models, args.workers, args.repeats = QUICK["models"], QUICK["workers"], QUICK[
+            "repeats"]
+        args.mlp_extra = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"median of {args.repeats} steps after 2 warmup steps")
+    workers = {mo: args.workers + (args.mlp_extra if mo == "mlp" else []) for mo in args.models}
+    results = {}
+    for model in args.models:
+        auto = _auto_strategy(model, args.device)
+        too_slow: set[str] = set()
+        for m in workers[model]:
+            for method in args.methods:
+                if method == "paper" and m == 1:
+                    continue
+                if method in too_slow:  # a smaller m already exceeded the step limit
+                    results[(model, m, method)] = {"skip": "smaller m over the limit"}
+                    continue
+                cfg = {"model": model, "m": m, "method": method, "device": args.device,
+                       "limit": args.step_limit, "budget": args.budget,
+                       "repeats": args.repeats, "threads": args.threads}
+                r = run_child(cfg, timeout=args.step_limit * 3 + args.budget * 2 + 120)
+                results[(model, m, method)] = r
+                if r.get("skip", "").startswith("one step"):
+                    too_slow.add(method)
+                desc = r.get("skip") or f"{r['samples_s']:.0f} samples/s, {r['peak_mib']:.0f} MiB"
+                print(f"  {model} m={m} {method}{' (auto)' if method == auto else ''}: {desc}",
+                      flush=True)
+    print_table(results, args.models, workers, args.device)
+
+
+if __name__ == "__main__":
+    main()
