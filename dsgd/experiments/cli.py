@@ -118,6 +118,42 @@ def _quickstart(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _equivalence(args) -> int:
+    from dsgd.experiments import config as C
+    from dsgd.experiments.equivalence import lr_sweep, sweep_markdown, write_sweep
+
+    cfg = C.load(args.config, ["log.progress=false", *args.set])
+    rows = []
+    for act in args.activation.split(","):
+        rows += lr_sweep(cfg, _floats(args.lrs), steps=None if args.time else args.steps,
+                         total_time=args.time, activation=act.strip(),
+                         seeds=range(cfg.train.seed, cfg.train.seed + args.seeds),
+                         eval_samples=args.samples, log=print)
+    result = write_sweep(rows, args.out)
+    print(sweep_markdown(result["table"]) + f"written to {args.out}/sweep.{{json,md,png}}")
+    return 0
+
+
+def _reproduce(args) -> int:
+    import torch
+
+    from dsgd.experiments.reproduce import get_scale, reproduce
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    extra = [f'data.dir="{args.data_dir}"'] if args.data_dir else []
+    reproduce(args.out, get_scale(args.scale, args.quick), seeds=args.seeds,
+              extra=extra + args.set, force=args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dsgd", description="Decentralized SGD for any nn.Module.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -153,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.set_defaults(fn=_quickstart)
+
+    e = sub.add_parser("equivalence", help="D-SGD vs average-direction SAM residuals against lr")
+    e.add_argument("--config", default="cpu_fashion_mlp", help="base config (D-SGD settings)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--lrs", default="0.4,0.2,0.1,0.05,0.025", help="comma-separated")
+    e.add_argument("--steps", type=int, default=200, help="steps per learning rate")
+    e.add_argument("--time", type=float, help="train round(TIME / lr) steps instead")
+    e.add_argument("--activation", default="relu", help="relu, tanh, gelu (comma-separated)")
+    e.add_argument("--seeds", type=int, default=1)
+    e.add_argument("--samples", type=int, default=1024, help="training samples of the loss")
+    e.add_argument("--out", default="runs/equivalence")
+    e.set_defaults(fn=_equivalence)
+
+    rp = sub.add_parser("reproduce", help="the paper's experiments and a report")
+    rp.add_argument("--scale", choices=["cpu", "paper"], default="cpu")
+    rp.add_argument("--quick", action="store_true", help="CI-size run of the same pipeline")
+    rp.add_argument("--seeds", type=int, help="seeds per setting (default: the scale's)")
+    rp.add_argument("--out", default="runs/reproduce")
+    rp.add_argument("--data-dir", help="data directory (CIFAR-10 python layout for paper)")
+    rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    rp.add_argument("--threads", type=int, help="torch threads")
+    rp.add_argument("--force", action="store_true", help="--scale paper without a GPU")
+    rp.set_defaults(fn=_reproduce)
     return p
 
 
