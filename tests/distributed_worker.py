@@ -8,7 +8,7 @@ and writes ``OUT_DIR/<name>.rank<r>.pt`` with its block of the final weights and
 A config may inject a fault on one rank at one step: ``{"rank": 2, "step": 5, "kind": k}`` with
 k = "exit" (os._exit(1)), "hang" (sleep forever) or "wait" (write ``<name>.rank<r>.ready`` and
 sleep, for the test to SIGKILL it). A rank that fails writes ``<name>.rank<r>.error`` (the
-message) and exits with status 2, as the CLI does for a UserError.
+message) and exits with status 2 through ``abort_process``, as the CLI should on a PeerFailure.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from dsgd.engine import Engine
-from dsgd.engine.distributed import TorchDistributedCommunicator, init_from_env, shutdown
+from dsgd.engine.distributed import (
+    TorchDistributedCommunicator,
+    abort_process,
+    init_from_env,
+    shutdown,
+)
 from dsgd.errors import UserError
 from dsgd.optim import SGD
 from dsgd.optim.schedule import warmup_multistep
@@ -83,7 +88,7 @@ def main(argv: list[str]) -> int:
         except UserError as e:
             (out / f"{cfg['name']}.rank{ctx.rank}.error").write_text(f"{time.time()}\n{e}")
             print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
+            abort_process(2)
     shutdown()
     return 0
 

@@ -94,17 +94,17 @@ def env(**extra) -> dict:
             **{k: str(v) for k, v in extra.items()}}
 
 
-def spawn(configs: list[dict], out: Path, tag: str) -> list[subprocess.Popen]:
-    """WORLD processes with torchrun's variables set by hand, rendezvous on 127.0.0.1."""
+def spawn(configs: list[dict], out: Path, tag: str, world: int = WORLD) -> list[subprocess.Popen]:
+    """``world`` processes with torchrun's variables set by hand, rendezvous on 127.0.0.1."""
     spec = out / f"{tag}.json"
     spec.write_text(json.dumps(configs))
     port = free_port()
     procs = []
-    for r in range(WORLD):
+    for r in range(world):
         with open(out / f"{tag}.rank{r}.log", "w") as log:  # the child keeps its own handle
             procs.append(subprocess.Popen(
                 [sys.executable, WORKER, str(spec), str(out)], stdout=log, stderr=log, cwd=ROOT,
-                env=env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=WORLD, MASTER_ADDR="127.0.0.1",
+                env=env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1",
                         MASTER_PORT=port)))
     return procs
 
@@ -161,10 +161,11 @@ def test_bytes_sent_is_neighbour_rows_only(torchrun_results):
 
 # ---- faults ------------------------------------------------------------------------------------
 KILL_TIMEOUT_S = 60  # long: a killed peer must be noticed at once, not by the timeout
-HANG_TIMEOUT_S = 10
-MESSAGE = re.compile(r"worker process \d \(or a peer\) stopped responding during gossip at step "
-                     r"\d+ after [\d.]+ s \((connection lost|timed out)[^)]*\); the run's "
-                     r"checkpoints in \S+ are intact: resume with --resume")
+HANG_TIMEOUT_S = 8
+MESSAGE = re.compile(r"(worker process \d \(or a peer\)|a worker process) stopped responding "
+                     r"during (gossip at step \d+|all-reduce) after [\d.]+ s \((connection lost|"
+                     r"timed out)[^)]*\); the run's checkpoints in \S+ are intact: resume with "
+                     r"--resume")
 
 
 def wait_for(path: Path, procs, limit_s: float) -> float:
@@ -195,24 +196,34 @@ def finish(procs, victim: int, limit_s: float) -> dict[int, tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def fault_jobs(tmp_path_factory):
-    """A killed peer and a hung peer, two jobs of WORLD processes started together."""
+    """Three jobs started together: a peer killed during gossip (2 processes), a peer hung
+    during gossip (4: the rank that is not its neighbour fails when the neighbours exit), a peer
+    hung during C-SGD's all-reduce (2). Yields the output folder and {tag: processes}."""
     out = tmp_path_factory.mktemp("faults")
-    common = {"topology": "ring", "m": 4, "steps": STEPS, "checkpoint_dir": "runs/demo"}
-    kill = spawn([{**common, "name": "kill", "timeout_s": KILL_TIMEOUT_S,
-                   "fault": {"rank": 2, "step": 5, "kind": "wait"}}], out, "kill")
-    hang = spawn([{**common, "name": "hang", "timeout_s": HANG_TIMEOUT_S,
-                   "fault": {"rank": 2, "step": 5, "kind": "hang"}}], out, "hang")
+    ring = {"topology": "ring", "m": 4, "steps": STEPS, "checkpoint_dir": "runs/demo"}
+    jobs = {
+        "kill": spawn([{**ring, "m": 2, "name": "kill", "timeout_s": KILL_TIMEOUT_S,
+                        "fault": {"rank": 1, "step": 5, "kind": "wait"}}], out, "kill", world=2),
+        "hang": spawn([{**ring, "name": "hang", "timeout_s": HANG_TIMEOUT_S,
+                        "fault": {"rank": 2, "step": 5, "kind": "hang"}}], out, "hang"),
+        "hang_csgd": spawn([{**ring, "m": 2, "algorithm": "csgd", "name": "hang_csgd",
+                             "timeout_s": HANG_TIMEOUT_S,
+                             "fault": {"rank": 1, "step": 5, "kind": "hang"}}],
+                           out, "hang_csgd", world=2),
+    }
     try:
-        yield out, kill, hang
+        yield out, jobs
     finally:
-        for p in kill + hang:
+        for p in (p for procs in jobs.values() for p in procs):
             if p.poll() is None:
                 p.kill()
                 p.wait()
 
 
-def check_survivors(out: Path, tag: str, done: dict, since: float, within_s: float):
-    assert sorted(done) == [0, 1, 3], f"survivors did not exit in time:\n{logs(out, tag)}"
+def check_survivors(out: Path, tag: str, done: dict, survivors: list[int], since: float,
+                    within_s: float) -> dict[int, float]:
+    """Every survivor exited with status 2 and the message; {rank: seconds it waited}."""
+    assert sorted(done) == survivors, f"survivors did not exit in time:\n{logs(out, tag)}"
     for r, (rc, when) in done.items():
         assert rc == 2, logs(out, tag)
         assert when - since < within_s, f"rank {r} took {when - since:.1f} s"
@@ -223,20 +234,28 @@ def check_survivors(out: Path, tag: str, done: dict, since: float, within_s: flo
 
 
 def test_killed_peer_stops_the_others_at_once(fault_jobs):
-    out, procs, _ = fault_jobs
-    wait_for(out / "kill.rank2.ready", procs, 120)
+    out, jobs = fault_jobs
+    procs = jobs["kill"]
+    wait_for(out / "kill.rank1.ready", procs, 120)
     killed = time.time()
-    procs[2].send_signal(signal.SIGKILL)
-    done = finish(procs, victim=2, limit_s=KILL_TIMEOUT_S / 2)
-    check_survivors(out, "kill", done, killed, within_s=KILL_TIMEOUT_S / 2)
-    assert "connection lost" in (out / "kill.rank1.error").read_text()
+    procs[1].send_signal(signal.SIGKILL)
+    done = finish(procs, victim=1, limit_s=KILL_TIMEOUT_S / 2)
+    check_survivors(out, "kill", done, [0], killed, within_s=KILL_TIMEOUT_S / 2)
+    error = (out / "kill.rank0.error").read_text()
+    assert "worker process 1 (or a peer)" in error and "connection lost" in error
 
 
-def test_hung_peer_stops_the_others_after_the_timeout(fault_jobs):
-    out, _, procs = fault_jobs
-    hung = wait_for(out / "hang.rank2.ready", procs, 120)
-    done = finish(procs, victim=2, limit_s=HANG_TIMEOUT_S + 30)
-    waited = check_survivors(out, "hang", done, hung, within_s=HANG_TIMEOUT_S + 15)
-    # the neighbours of rank 2 give up after the timeout, no sooner
-    assert min(waited[1], waited[3]) >= HANG_TIMEOUT_S * 0.9, waited
-    assert "timed out" in (out / "hang.rank1.error").read_text()
+@pytest.mark.parametrize("tag, victim, survivors, neighbours", [
+    ("hang", 2, [0, 1, 3], [1, 3]),
+    ("hang_csgd", 1, [0], [0]),
+])
+def test_hung_peer_stops_the_others_after_the_timeout(fault_jobs, tag, victim, survivors,
+                                                      neighbours):
+    out, jobs = fault_jobs
+    procs = jobs[tag]
+    hung = wait_for(out / f"{tag}.rank{victim}.ready", procs, 120)
+    done = finish(procs, victim=victim, limit_s=HANG_TIMEOUT_S + 30)
+    waited = check_survivors(out, tag, done, survivors, hung, within_s=HANG_TIMEOUT_S + 15)
+    for r in neighbours:  # those waiting on the hung rank give up after the timeout, no sooner
+        assert waited[r] >= HANG_TIMEOUT_S * 0.9, waited
+        assert "timed out" in (out / f"{tag}.rank{r}.error").read_text()

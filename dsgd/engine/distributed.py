@@ -41,7 +41,11 @@ Faults: every wait is bounded by ``timeout_s``. A peer that dies makes its neigh
 once (gloo: "Connection closed by peer"); a peer that hangs makes them fail after ``timeout_s``.
 Either way the communicator raises :class:`PeerFailure`, a one-line ``UserError``, and the
 ranks further away fail in turn when those neighbours exit (torchrun also stops the rest of the
-job when one process exits non-zero).
+job when one process exits non-zero). After a PeerFailure, print the message and end the process
+with :func:`abort_process`, not ``sys.exit``: a gloo collective (the all-reduce of ``mean``) that
+timed out leaves a background thread blocked until the process group's own timeout, and a normal
+interpreter exit waits for that thread (``destroy_process_group`` and ``abort`` do not free it).
+Give ``init_from_env`` the same ``timeout_s`` as the communicator.
 
 Accounting: ``bytes_sent`` counts the payload this rank hands to the network: for ``mix`` the
 rows it sends (``rows * P * itemsize`` per neighbouring rank), for ``mean`` the nominal size of
@@ -53,9 +57,11 @@ that is ``2 * P * itemsize`` per gossip step, for C-SGD ``P * itemsize`` per ste
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -70,6 +76,7 @@ __all__ = [
     "GossipPlan",
     "PeerFailure",
     "TorchDistributedCommunicator",
+    "abort_process",
     "gossip_plan",
     "init_from_env",
     "shutdown",
@@ -138,6 +145,21 @@ def shutdown() -> None:
     """Leave the process group (at the end of a run; safe to call when none exists)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def abort_process(code: int = 2) -> NoReturn:
+    """End this process now with status ``code``, after a :class:`PeerFailure` was reported.
+
+    Skips the interpreter's shutdown (``os._exit``), which would wait for gloo threads still
+    blocked in a timed-out collective. Flushes stdout and stderr first; close any other files
+    (logs, metrics) before calling it.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 # ---- the plan: who sends which rows to whom, a pure function of (P, rank, world size) --------
