@@ -21,7 +21,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsgd.engine.distributed import gossip_plan
+from dsgd.engine import LocalCommunicator
+from dsgd.engine.distributed import (
+    DistributedSetupError,
+    TorchDistributedCommunicator,
+    gossip_plan,
+    init_from_env,
+    shutdown,
+)
 from dsgd.topology import make_topology
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -80,6 +87,27 @@ def test_ring_plan_sends_one_row_to_each_neighbour():
     plan = gossip_plan(make_topology("ring", 8).matrix(0), rank=3, world_size=8)
     assert [(q, idx.tolist()) for q, idx in plan.sends] == [(2, [0]), (4, [0])]
     assert plan.recvs == ((2, 1), (4, 1))
+
+
+def test_one_process_group_mixes_like_the_local_communicator(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(DistributedSetupError, match="torchrun"):
+        init_from_env()
+    topo = make_topology("one_peer_exponential", 8)
+    with pytest.raises(DistributedSetupError, match="init_from_env"):
+        TorchDistributedCommunicator(topo)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        comm, local = TorchDistributedCommunicator(topo), LocalCommunicator(topo)
+        assert comm.workers == range(8) and init_from_env().world_size == 1
+        x = torch.randn(8, 5)
+        for step in range(4):
+            torch.testing.assert_close(comm.mix(x, step), local.mix(x, step))
+        torch.testing.assert_close(comm.mean(x), local.mean(x))
+        assert comm.bytes_sent == 5 * 4  # nothing to send for gossip; the all-reduce's vector
+    finally:
+        shutdown()
 
 
 # ---- launching processes -----------------------------------------------------------------------

@@ -117,7 +117,9 @@ def init_from_env(timeout_s: float = 60, backend: str | None = None) -> Distribu
             f"{', '.join(missing)} not set: launch with torchrun, e.g. torchrun --standalone "
             "--nproc-per-node=4 -m dsgd train --config X.toml --engine distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend is None:
+    if dist.is_initialized():
+        backend = dist.get_backend()
+    elif backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
