@@ -135,3 +135,26 @@ def test_presets_are_valid():
     assert presets
     for p in presets:
         C.load(p)
+
+
+def test_torchrun_train_matches_the_simulated_run(tmp_path):
+    """The same config under torchrun (2 processes, 2 workers each) and in one process."""
+    import shutil
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    sim, dist = tmp_path / "sim", tmp_path / "dist"
+    args = ["train", *sets("train.topology=exponential", "train.momentum=0.9"), "--out"]
+    assert main([*args, str(sim)]) == 0
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "dsgd", *args,
+                           str(dist), "--engine", "distributed", "--timeout", "30"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (dist / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "consensus"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    w = torch.load(sim / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+    blocks = [torch.load(dist / "checkpoints" / f"rank{r}.pt", weights_only=True)["engine"]["w"]
+              for r in range(2)]
+    torch.testing.assert_close(torch.cat(blocks), w, atol=1e-5, rtol=0)

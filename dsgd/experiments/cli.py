@@ -33,25 +33,41 @@ def _train(args) -> int:
         cfg = C.from_dict(C.apply_overrides(C.to_dict(cfg), ["log.progress=false"]))
     out = Path(args.out or f"runs/{cfg.name}")
     if args.engine == "distributed":
-        from dsgd.engine.distributed import TorchDistributedCommunicator, init_from_env, shutdown
-
-        init_from_env(cfg.device, timeout_s=args.timeout)
-        from dsgd.topology import make_topology
-
-        topo = make_topology(cfg.train.topology, cfg.train.workers,
-                             shuffle=cfg.train.shuffle_topology, seed=cfg.train.seed)
-        comm = TorchDistributedCommunicator(topo, timeout_s=args.timeout)
-        try:
-            summary = train(cfg, out, resume=args.resume, comm=comm)
-        finally:
-            shutdown()
+        summary = _train_distributed(cfg, out, args)
     else:
         summary = train(cfg, out, resume=args.resume)
+    if summary is None:  # a torchrun process other than rank 0: rank 0 reports
+        return 0
     final = summary["final"]
     print(f"{cfg.name}: {summary['steps']} steps in {summary['wall_time']:.0f} s, "
           f"test accuracy {100 * final.get('test_acc', float('nan')):.2f}%, "
           f"consensus distance {final.get('consensus', float('nan')):.3g}; run in {out}")
     return 0
+
+
+def _train_distributed(cfg, out: Path, args) -> dict | None:
+    """One process of a torchrun job: host this rank's block of workers, gossip over
+    torch.distributed. A dead or silent peer ends every survivor with one line and status 2."""
+    from dsgd.engine import distributed as D
+    from dsgd.experiments import config as C
+    from dsgd.experiments.runner import train
+    from dsgd.topology import make_topology
+
+    ctx = D.init_from_env(timeout_s=args.timeout)
+    cfg = C.from_dict(C.apply_overrides(C.to_dict(cfg), [f'device="{ctx.device}"']))
+    topo = make_topology(cfg.train.topology, cfg.train.workers,
+                         shuffle=cfg.train.shuffle_topology, seed=cfg.train.seed)
+    try:
+        comm = D.TorchDistributedCommunicator(topo, timeout_s=args.timeout, checkpoint_dir=out)
+        summary = train(cfg, out, resume=args.resume, comm=comm)
+    except D.PeerFailure as err:
+        print(f"dsgd: error: {err}", file=sys.stderr)
+        D.abort_process(2)  # gloo threads blocked in a timed-out collective would hang exit
+    except UserError as err:
+        print(f"dsgd: error (rank {ctx.rank}): {err}", file=sys.stderr)
+        D.abort_process(2)
+    D.shutdown()
+    return summary if ctx.rank == 0 else None
 
 
 def _topology(args) -> int:

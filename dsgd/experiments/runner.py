@@ -227,8 +227,13 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
             acc["n"] += 1
             step = engine.step_count
             if step % log.eval_every == 0 or step == t.steps:
+                # every process holds an equal block of workers: the mean of the blocks' means
+                # is the mean over all m workers
+                local = torch.tensor([[acc["loss"], acc["acc"]]], dtype=torch.float64)
+                train_loss, train_acc = (engine.comm.mean(local.to(engine.w.device).expand(
+                    len(hosted), 2).contiguous())[0] / acc["n"]).tolist()
                 row = {"step": step, "epoch": step / loader.steps_per_epoch, "lr": result.lr,
-                       "train_loss": acc["loss"] / acc["n"], "train_acc": acc["acc"] / acc["n"],
+                       "train_loss": train_loss, "train_acc": train_acc,
                        **evaluate(engine, ds.x_test, ds.y_test, log.eval_batch_size),
                        "consensus": engine.consensus_distance()}
                 if log.instruments:
