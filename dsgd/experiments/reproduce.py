@@ -222,13 +222,12 @@ def _fixed(setup, n: int):
     return ds.x_train[:n].to(dev), ds.y_train[:n].to(dev)
 
 
-def sharpness(run_dir: Path, scale: Scale, seed: int = 0) -> dict[str, float]:
+def sharpness(setup, scale: Scale, seed: int = 0) -> dict[str, float]:
     """Hutchinson trace, top eigenvalue and Tr(H Xi) of the final averaged model."""
     from dsgd.metrics._func import make_loss_fn
     from dsgd.metrics.consensus import deviations
     from dsgd.metrics.hessian import hutchinson_trace, top_eigenvalue, xi_weighted_trace
 
-    setup = load_engine(run_dir)
     e = setup.engine
     x, y = _fixed(setup, scale.analysis_samples)
     avg = e.module(e.average_state())
@@ -243,12 +242,11 @@ def sharpness(run_dir: Path, scale: Scale, seed: int = 0) -> dict[str, float]:
             "xi_trace": float(xi_weighted_trace(loss_fn, w, deviations(e.params)))}
 
 
-def landscape(run_dir: Path, scale: Scale, seed: int = 0) -> dict[str, Any]:
+def landscape(setup, scale: Scale, seed: int = 0) -> dict[str, Any]:
     """Filter-normalized 2D loss surface around the final averaged model (Li et al. 2018)."""
     from dsgd.metrics._func import make_loss_fn
     from dsgd.metrics.landscape import surface_2d
 
-    setup = load_engine(run_dir)
     e = setup.engine
     x, y = _fixed(setup, scale.analysis_samples)
     avg = e.module(e.average_state())
@@ -259,7 +257,7 @@ def landscape(run_dir: Path, scale: Scale, seed: int = 0) -> dict[str, Any]:
     return {"alphas": a.tolist(), "betas": b.tolist(), "Z": Z.tolist()}
 
 
-def uncertainty(run_dir: Path, scale: Scale, seed: int = 0) -> dict[str, Any]:
+def uncertainty(setup, scale: Scale, seed: int = 0) -> dict[str, Any]:
     """ECE/NLL/accuracy and reliability curves of the averaged model, the local-model ensemble
     and the Xi-posterior N(w_a, Xi) on the first test samples."""
     from dsgd.metrics.uncertainty import (
@@ -270,7 +268,6 @@ def uncertainty(run_dir: Path, scale: Scale, seed: int = 0) -> dict[str, Any]:
         summarize,
     )
 
-    setup = load_engine(run_dir)
     e, ds = setup.engine, setup.dataset
     k = min(scale.uncertainty_samples, len(ds.y_test))
     x, y = ds.x_test[:k].to(e.w.device), ds.y_test[:k].to(e.w.device)
@@ -384,36 +381,32 @@ def reproduce(out: str | Path, scale: Scale, *, seeds: int | None = None,
     large = max(s.total_batch for s in lb)
     small = min(s.total_batch for s in lb)
 
-    log("sharpness of the final averaged models")
-    sharp = []
-    for s in lb:
-        if s.run in finished:
-            v = _cached(analysis / "sharpness" / f"{s.run.replace('/', '_')}.json",
-                        lambda s=s: sharpness(runs / s.run, scale, s.seed))
-            sharp.append({"label": s.label, "total_batch": s.total_batch, "lr": s.lr,
-                          "seed": s.seed, "status": "finished", **v})
-
     first_seed = min(s.seed for s in lb)
-    pick = {(s.label, s.total_batch): s for s in lb
-            if s.seed == first_seed and s.run in finished}
-    surfaces = {}
-    log("loss landscapes")
-    for key in (("C-SGD", large), ("D-SGD ring", large), ("C-SGD", small),
-                ("D-SGD ring", small)):
-        if key in pick:
-            s = pick[key]
-            surfaces[f"{key[0]}, total batch {key[1]}"] = _cached(
-                analysis / "landscape" / f"{s.run.replace('/', '_')}.json",
-                lambda s=s: landscape(runs / s.run, scale, s.seed))
-
-    log("uncertainty")
-    unc = []
+    landscapes = {(lab, tb) for lab in ("C-SGD", "D-SGD ring") for tb in (large, small)}
+    measures = {"sharpness": sharpness, "uncertainty": uncertainty, "landscape": landscape}
+    sharp, unc, surfaces = [], [], {}
+    log("sharpness, loss landscapes and uncertainty of the final averaged models")
     for s in lb:
-        if s.run in finished:
-            v = _cached(analysis / "uncertainty" / f"{s.run.replace('/', '_')}.json",
-                        lambda s=s: uncertainty(runs / s.run, scale, s.seed))
-            unc.append({"label": s.label, "total_batch": s.total_batch, "seed": s.seed,
-                        "run": s.run, **v})
+        if s.run not in finished:
+            continue
+        wanted = ["sharpness", "uncertainty"]
+        if s.seed == first_seed and (s.label, s.total_batch) in landscapes:
+            wanted.append("landscape")
+        paths = {k: analysis / k / f"{s.run.replace('/', '_')}.json" for k in wanted}
+        setup = None
+        if not all(p.is_file() for p in paths.values()):
+            setup = load_engine(runs / s.run)  # one build per run for every measurement
+        v = {k: _cached(p, lambda k=k, setup=setup, s=s: measures[k](setup, scale, s.seed))
+             for k, p in paths.items()}
+        sharp.append({"label": s.label, "total_batch": s.total_batch, "lr": s.lr,
+                      "seed": s.seed, "status": "finished", **v["sharpness"]})
+        unc.append({"label": s.label, "total_batch": s.total_batch, "seed": s.seed,
+                    "run": s.run, **v["uncertainty"]})
+        if "landscape" in v:
+            surfaces[f"{s.label}, total batch {s.total_batch}"] = v["landscape"]
+    order = [f"{lab}, total batch {tb}" for tb in (large, small)
+             for lab in ("C-SGD", "D-SGD ring")]
+    surfaces = {k: surfaces[k] for k in order if k in surfaces}
 
     base = C.load(scale.preset, [*scale.overrides, *(extra or [])])
     lock = None
