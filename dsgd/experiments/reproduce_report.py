@@ -641,9 +641,11 @@ def write_report(results: dict, out: str | Path) -> Path:
                   f"{s['lip_dsgd']:.4g}, Xi-smoothed L there {s['lip_dsgd_smoothed']:.4g}, L "
                   f"along C-SGD {s['lip_sgd']:.4g} (right panel of the lockstep figure).", ""]
 
+    name = results["scale"]
+    quick = name == "quick" or name.endswith("-quick")
+    name = "cpu" if name == "quick" else name.removesuffix("-quick")
     lines += ["## Reproduce", "",
-              "```bash", f"dsgd reproduce --scale {results['scale'].removesuffix('-quick')}"
-              + (" --quick" if "quick" in results["scale"] else "")
+              "```bash", f"dsgd reproduce --scale {name}" + (" --quick" if quick else "")
               + f" --seeds {results.get('seeds')} --out OUT", "```", "",
               "Finished runs are skipped and interrupted ones resumed; `OUT/results.json` holds "
               "every number above.", ""]
