@@ -197,7 +197,7 @@ def _fake(csgd=(80.0, 70.0), ring=(80.0, 78.0), trace=(50.0, 20.0), ece=(0.05, 0
              "posterior": {"ece": ece[1], "nll": 0.45}}
     unc = [{"label": "D-SGD ring", "total_batch": large, "seed": 0, **kinds},
            {"label": "C-SGD", "total_batch": large, "seed": 0, **kinds}]
-    runs = [{"label": "D-SGD ring", "total_batch": small, "status": "finished",
+    runs = [{"label": "D-SGD ring", "total_batch": small, "lr": 0.1, "status": "finished",
              "consensus_mean": c, "train_loss": loss, "test_acc": 80.0}
             for c, loss in zip((0.01, 0.1, 1.0), losses, strict=True)]
     lock = [[{"step": 0, "dist_adsam": 0.0, "dist_sgd": 0.0, "consensus": 0.0, "travel": 0.0},
@@ -232,6 +232,12 @@ def test_verdicts_follow_the_numbers_both_ways():
     assert _status(bad, "gradient smoothing") == ["not reproduced"]
     assert "partly reproduced" in _status(bad, "uncertainty: the local")
 
+    # ADSAM closer early on only: partly reproduced
+    early = _fake()
+    rows = early["lockstep"][0]
+    rows += [{**rows[-1], "step": 100, "dist_adsam": 2.0, "dist_sgd": 1.0}]
+    assert _status(early, "equivalence: ADSAM") == ["partly reproduced"]
+
     # a C-SGD lead smaller than the seed noise is inconclusive, not reproduced
     noisy = _fake(csgd=(80.0, 77.0), ring=(80.0, 78.0))
     for row in noisy["large_batch"]:
@@ -240,6 +246,12 @@ def test_verdicts_follow_the_numbers_both_ways():
     sentence = next(v["sentence"] for v in verdicts(noisy) if v["claim"].startswith(
         "large batch: C-SGD loses"))
     assert "down 3.00 points" in sentence and "down 2.00 points" in sentence
+    assert "did not appear" not in sentence
+    # both gain accuracy from the larger batch: the sentence says the drop did not appear
+    up = _fake(csgd=(80.0, 81.0), ring=(80.0, 83.0))
+    sentence = next(v["sentence"] for v in verdicts(up) if v["claim"].startswith(
+        "large batch: C-SGD loses"))
+    assert "up 1.00 points" in sentence and "did not appear" in sentence
 
 
 def test_verdicts_without_measurements_say_so():

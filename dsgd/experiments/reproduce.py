@@ -64,7 +64,7 @@ class Scale:
     sweep_activations: tuple[str, ...] = ("relu", "tanh")
     sweep_seeds: int = 2
     lockstep_steps: int | None = 300
-    lockstep_lr: float = 0.2
+    lockstep_lrs: tuple[float, ...] = (0.2, 0.05)  # smoothness probes run at the first
     lockstep_seeds: int = 3
     lockstep_probe_every: int = 50
     lockstep_radius: float = 0.05
@@ -286,9 +286,10 @@ def uncertainty(setup, scale: Scale, seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def lockstep_run(scale: Scale, base: C.Config, seed: int) -> list[dict[str, float]]:
-    """Experiment 3 for one seed: D-SGD / ADSAM(Xi(t)) / SGD in lockstep, with smoothness
-    probes every ``lockstep_probe_every`` steps."""
+def lockstep_run(scale: Scale, base: C.Config, seed: int, lr: float,
+                 probes: bool = True) -> list[dict[str, float]]:
+    """Experiment 3 for one seed and constant learning rate ``lr``: D-SGD / ADSAM(Xi(t)) / SGD
+    in lockstep, with smoothness probes every ``lockstep_probe_every`` steps if ``probes``."""
     from dsgd.experiments.equivalence import lockstep, smoothness_probe
     from dsgd.experiments.runner import build
     from dsgd.topology import make_topology
@@ -307,10 +308,10 @@ def lockstep_run(scale: Scale, base: C.Config, seed: int) -> list[dict[str, floa
 
     x, y = _fixed(setup, min(scale.analysis_samples, 512))
     probe = smoothness_probe(x, y, radius=scale.lockstep_radius, seed=seed)
-    return lockstep(model, topo, batches(), lr=scale.lockstep_lr, steps=scale.lockstep_steps,
-                    strategy=t.strategy, seed=seed, record_every=max(1, scale.lockstep_steps
-                                                                      // 60),
-                    probe=probe, probe_every=scale.lockstep_probe_every)
+    return lockstep(model, topo, batches(), lr=lr, steps=scale.lockstep_steps,
+                    strategy=t.strategy, seed=seed,
+                    record_every=max(1, scale.lockstep_steps // 60),
+                    probe=probe if probes else None, probe_every=scale.lockstep_probe_every)
 
 
 # ---------------------------------------------------------------- collecting results
@@ -409,12 +410,15 @@ def reproduce(out: str | Path, scale: Scale, *, seeds: int | None = None,
     surfaces = {k: surfaces[k] for k in order if k in surfaces}
 
     base = C.load(scale.preset, [*scale.overrides, *(extra or [])])
-    lock = None
+    lock: dict[str, list] = {}
     if scale.lockstep_steps:
         log("lockstep trajectories: D-SGD, ADSAM with Sigma = Xi(t), SGD")
-        lock = [_cached(analysis / "lockstep" / f"seed{base.train.seed + i}.json",
-                        lambda i=i: lockstep_run(scale, base, base.train.seed + i))
-                for i in range(scale.lockstep_seeds)]
+        for k, lr in enumerate(scale.lockstep_lrs):
+            seeds_ = [base.train.seed + i for i in range(scale.lockstep_seeds)]
+            lock[f"{lr:g}"] = [_cached(
+                analysis / "lockstep" / f"lr{lr:g}_seed{sd}.json",
+                lambda sd=sd, lr=lr, k=k: lockstep_run(scale, base, sd, lr, probes=k == 0))
+                for sd in seeds_]
     sweep = None
     if scale.sweep_lrs:
         from dsgd.experiments.equivalence import lr_sweep, write_sweep
@@ -442,8 +446,10 @@ def reproduce(out: str | Path, scale: Scale, *, seeds: int | None = None,
                                          "train_loss_fixed"]),
         "landscape": surfaces,
         "uncertainty": unc,
-        "lockstep": lock,
-        "lockstep_settings": {"lr": scale.lockstep_lr, "steps": scale.lockstep_steps,
+        "lockstep": next(iter(lock.values())) if lock else None,  # the first lr, with probes
+        "lockstep_by_lr": lock or None,
+        "lockstep_settings": {"lr": scale.lockstep_lrs[0], "lrs": list(scale.lockstep_lrs),
+                              "steps": scale.lockstep_steps,
                               "total_batch": base.train.workers * scale.batches[0][0],
                               "topology": base.train.topology,
                               "radius": scale.lockstep_radius},

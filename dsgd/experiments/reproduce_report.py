@@ -121,13 +121,17 @@ def verdict_large_batch(results: dict) -> list[dict[str, str]]:
             status = "not reproduced"
         noise = (f" (difference {gap:+.2f} points, 2 standard errors = {2 * se:.2f})"
                  if _ok(se) else "")
+        both_up = drop_c < 0 and drop_d < 0
         out.append(_verdict(
             claim, status,
             f"From total batch {small} to {large}, C-SGD went {_signed_drop(drop_c)} and "
             f"{label} went {_signed_drop(drop_d)}{noise}: "
-            + {"reproduced": "C-SGD dropped more, the paper's shape.",
-               "inconclusive": "C-SGD dropped more, but by less than the seed noise.",
-               "not reproduced": f"C-SGD did not drop more than {label}."}[status]))
+            + {"reproduced": "C-SGD lost more (or gained less), the paper's direction",
+               "inconclusive": "C-SGD lost more (or gained less), but by less than the seed "
+                               "noise",
+               "not reproduced": f"C-SGD did not fare worse than {label}"}[status]
+            + ("; both gained accuracy from the larger batch, so the paper's large-batch "
+               "drop itself did not appear at this scale." if both_up else ".")))
         acc_c, acc_d = _mean(c_l["test_acc"]), _mean(d_l["test_acc"])
         se2 = math.sqrt(_se(c_l["test_acc"]) ** 2 + _se(d_l["test_acc"]) ** 2)
         better = acc_d - acc_c
@@ -174,8 +178,12 @@ def verdict_sharpness(results: dict) -> list[dict[str, str]]:
     return out
 
 
+EARLY = 0.15  # the early phase of a lockstep run: its first 15% of steps
+
+
 def lockstep_summary(lock: Sequence[Sequence[dict]] | None) -> dict[str, float] | None:
-    """Mean over seeds and recorded steps (step > 0) of each trajectory's distance to w_a."""
+    """Mean over seeds and recorded steps (step > 0) of each trajectory's distance to w_a,
+    overall and over the early phase (step <= EARLY * last step)."""
     if not lock:
         return None
     pts = [r for rows in lock for r in rows if r["step"] > 0]
@@ -187,28 +195,53 @@ def lockstep_summary(lock: Sequence[Sequence[dict]] | None) -> dict[str, float] 
     mean["final_dist_adsam"] = sum(r["dist_adsam"] for r in last) / len(last)
     mean["final_dist_sgd"] = sum(r["dist_sgd"] for r in last) / len(last)
     mean["closer_fraction"] = sum(r["dist_adsam"] < r["dist_sgd"] for r in pts) / len(pts)
+    horizon = EARLY * max(r["step"] for r in pts)
+    early = [r for r in pts if r["step"] <= horizon] or pts[:1]
+    mean["early_steps"] = max(r["step"] for r in early)
+    mean["early_dist_adsam"] = sum(r["dist_adsam"] for r in early) / len(early)
+    mean["early_dist_sgd"] = sum(r["dist_sgd"] for r in early) / len(early)
     for key in ("lip_dsgd", "lip_dsgd_smoothed", "lip_sgd"):
         vals = [r[key] for r in pts if _ok(r.get(key))]
         mean[key] = sum(vals) / len(vals) if vals else math.nan
     return mean
 
 
+def _lockstep_runs(results: dict) -> dict[str, Sequence[Sequence[dict]]]:
+    """{learning rate: per-seed rows}; older results hold one run under "lockstep"."""
+    if results.get("lockstep_by_lr"):
+        return results["lockstep_by_lr"]
+    if results.get("lockstep"):
+        lr = (results.get("lockstep_settings") or {}).get("lr", "?")
+        return {f"{lr}": results["lockstep"]}
+    return {}
+
+
 def verdict_equivalence(results: dict) -> list[dict[str, str]]:
     out = []
-    s = lockstep_summary(results.get("lockstep"))
     claim = "equivalence: ADSAM with Sigma = Xi(t) tracks D-SGD's average closer than SGD"
-    if s is None:
+    runs = _lockstep_runs(results)
+    if not runs:
         out.append(_verdict(claim, "not measured", "the lockstep experiment was not run."))
-    else:
+    for lr, lock in runs.items():
+        s = lockstep_summary(lock)
+        if s is None:
+            continue
         ratio = s["dist_adsam"] / s["dist_sgd"] if s["dist_sgd"] > 0 else math.nan
-        status = "reproduced" if ratio < 1 else "not reproduced"
+        early = (s["early_dist_adsam"] / s["early_dist_sgd"] if s["early_dist_sgd"] > 0
+                 else math.nan)
+        status = ("reproduced" if ratio < 1 else "partly reproduced" if early < 1
+                  else "not reproduced")
         out.append(_verdict(
             claim, status,
-            f"Averaged over steps and seeds, the ADSAM trajectory was {s['dist_adsam']:.4g} "
-            f"from D-SGD's average and the SGD trajectory {s['dist_sgd']:.4g} (ratio "
-            f"{ratio:.3f}; ADSAM closer at {100 * s['closer_fraction']:.0f}% of the recorded "
-            "steps): " + ("ADSAM is closer." if status == "reproduced"
-                          else "ADSAM is not closer.")))
+            f"At lr {lr}, averaged over steps and seeds, the ADSAM trajectory was "
+            f"{s['dist_adsam']:.4g} from D-SGD's average and the SGD trajectory "
+            f"{s['dist_sgd']:.4g} (ratio {ratio:.3f}; ADSAM closer at "
+            f"{100 * s['closer_fraction']:.0f}% of the recorded steps); over the first "
+            f"{s['early_steps']} steps the ratio is {early:.3f}: "
+            + {"reproduced": "ADSAM is closer.",
+               "partly reproduced": "ADSAM is closer early on, then drifts further away "
+                                    "than SGD.",
+               "not reproduced": "ADSAM is not closer."}[status]))
     sweep = results.get("sweep")
     if not sweep:
         out.append(_verdict("equivalence: residuals shrink as eta -> 0", "not measured",
@@ -294,19 +327,33 @@ def tradeoff_points(results: dict) -> list[dict]:
 def verdict_tradeoff(results: dict) -> list[dict[str, str]]:
     pts = tradeoff_points(results)
     out = []
-    rho = spearman([p["consensus_mean"] for p in pts], [p["train_loss"] for p in pts])
     claim = "trade-off: a larger consensus distance means worse optimization (higher loss)"
-    if not _ok(rho):
-        out.append(_verdict(claim, "not measured", "fewer than 3 D-SGD runs to correlate."))
+    by_lr: dict[float, list[dict]] = {}
+    for p in pts:
+        by_lr.setdefault(p["lr"], []).append(p)
+    within = {lr: spearman([p["consensus_mean"] for p in ps], [p["train_loss"] for p in ps])
+              for lr, ps in sorted(by_lr.items())}
+    within = {lr: r for lr, r in within.items() if _ok(r)}
+    pooled = spearman([p["consensus_mean"] for p in pts], [p["train_loss"] for p in pts])
+    if not within:
+        out.append(_verdict(claim, "not measured",
+                            "fewer than 3 D-SGD runs at one learning rate to correlate."))
     else:
-        status = "reproduced" if rho > 0 else "not reproduced"
+        mean_rho = sum(within.values()) / len(within)
+        status = "reproduced" if mean_rho > 0 else "not reproduced"
         out.append(_verdict(
             claim, status,
-            f"Over {len(pts)} D-SGD runs at total batch {results['batches'][0]} (topologies x "
-            f"learning rates x seeds), the Spearman correlation of the mean consensus distance "
-            f"with the final train loss is {rho:+.2f}: "
-            + ("larger consensus, higher train loss." if status == "reproduced"
-               else "no positive association.")))
+            f"At a fixed learning rate (topologies x seeds, total batch "
+            f"{results['batches'][0]}), the Spearman correlation of the mean consensus distance "
+            "with the final train loss is "
+            + ", ".join(f"{r:+.2f} at lr {lr:g} (n={len(by_lr[lr])})"
+                        for lr, r in within.items())
+            + f" (mean {mean_rho:+.2f}): "
+            + ("larger consensus, higher train loss" if status == "reproduced"
+               else "no positive association")
+            + (f". Pooled over learning rates it is {pooled:+.2f}, where a larger lr both "
+               "raises the consensus distance and speeds up optimization." if _ok(pooled)
+               else ".")))
     s = lockstep_summary(results.get("lockstep"))
     claim = "gradient smoothing: the Xi-smoothed loss has a smaller local gradient Lipschitz"
     if s is None or not _ok(s.get("lip_dsgd_smoothed")):
@@ -385,33 +432,40 @@ def plot_landscapes(surfaces: dict, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def plot_lockstep(lock: Sequence[Sequence[dict]], path: Path) -> None:
+def plot_lockstep(runs: dict[str, Sequence[Sequence[dict]]], path: Path) -> None:
+    """One panel per learning rate: distance of ADSAM and SGD to D-SGD's average (mean ± std
+    over seeds); a last panel with the smoothness probes of the runs that have them."""
     import numpy as np
 
-    fig = _figure((10, 3.4))
-    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    steps = np.array([r["step"] for r in lock[0]])
-    for key, name, color in (("dist_adsam", "ADSAM, Sigma = Xi(t)", "C1"),
-                             ("dist_sgd", "SGD, same total batch", "C0")):
-        v = np.array([[r[key] for r in rows] for rows in lock])
-        ax.plot(steps, v.mean(0), color=color, label=name)
-        ax.fill_between(steps, v.mean(0) - v.std(0), v.mean(0) + v.std(0), color=color,
-                        alpha=0.2)
-    ax.set(xlabel="step", ylabel="||w - w_a(t)||", title="distance to D-SGD's average")
-    ax.legend(fontsize=8)
-    probes = [r for r in lock[0] if "lip_dsgd" in r]
-    for key, name in (("lip_dsgd", "L at D-SGD average"),
-                      ("lip_dsgd_smoothed", "Xi-smoothed L at D-SGD average"),
-                      ("lip_sgd", "L along C-SGD")):
-        ps = [[r for r in rows if key in r] for rows in lock]
-        if not ps[0]:
-            continue
-        v = np.array([[r[key] for r in rows] for rows in ps])
-        ax2.plot([r["step"] for r in ps[0]], v.mean(0), marker="o", ms=3, label=name)
-    if probes:
-        ax2.set(xlabel="step", ylabel="local gradient Lipschitz (mean ratio)",
-                title="gradient smoothing")
-        ax2.legend(fontsize=8)
+    fig = _figure((4.6 * (len(runs) + 1), 3.4))
+    for i, (lr, lock) in enumerate(runs.items()):
+        ax = fig.add_subplot(1, len(runs) + 1, i + 1)
+        steps = np.array([r["step"] for r in lock[0]])
+        for key, name, color in (("dist_adsam", "ADSAM, Sigma = Xi(t)", "C1"),
+                                 ("dist_sgd", "SGD, same total batch", "C0")):
+            v = np.array([[r[key] for r in rows] for rows in lock])
+            ax.plot(steps, v.mean(0), color=color, label=name)
+            ax.fill_between(steps, v.mean(0) - v.std(0), v.mean(0) + v.std(0), color=color,
+                            alpha=0.2)
+        ax.set(xlabel="step", ylabel="||w - w_a(t)||",
+               title=f"distance to D-SGD's average, lr {lr}")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    ax2 = fig.add_subplot(1, len(runs) + 1, len(runs) + 1)
+    for lr, lock in runs.items():
+        for key, name in (("lip_dsgd", "L at D-SGD average"),
+                          ("lip_dsgd_smoothed", "Xi-smoothed L at D-SGD average"),
+                          ("lip_sgd", "L along C-SGD")):
+            ps = [[r for r in rows if key in r] for rows in lock]
+            if not ps[0]:
+                continue
+            v = np.array([[r[key] for r in rows] for rows in ps])
+            ax2.plot([r["step"] for r in ps[0]], v.mean(0), marker="o", ms=3,
+                     label=f"{name} (lr {lr})")
+    ax2.set(xlabel="step", ylabel="local gradient Lipschitz (mean ratio)",
+            title="gradient smoothing")
+    ax2.title.set_fontsize(9)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
 
@@ -592,20 +646,31 @@ def write_report(results: dict, out: str | Path) -> Path:
 
     lines += ["## 3. D-SGD and average-direction SAM", ""]
     lock = results.get("lockstep")
+    runs = _lockstep_runs(results)
     ls = results.get("lockstep_settings", {})
-    if lock:
-        s = lockstep_summary(lock)
-        plot_lockstep(lock, figs / "lockstep.png")
+    if runs:
+        plot_lockstep(runs, figs / "lockstep.png")
+        n_seeds = len(next(iter(runs.values())))
         lines += [
             f"D-SGD ({ls.get('topology')}, total batch {ls.get('total_batch')}, constant lr "
-            f"{ls.get('lr')}, {ls.get('steps')} steps, {len(lock)} seeds), centralized ADSAM "
+            f"{', '.join(runs)}, {ls.get('steps')} steps, {n_seeds} seeds), centralized ADSAM "
             "with Sigma = Xi(t) read from the D-SGD workers at the same step, and SGD with the "
-            "same total batch, all from the same start on the same mini-batches.", "",
-            "| trajectory | mean distance to D-SGD's w_a | final distance |", "|---|---|---|",
-            f"| ADSAM (Sigma = Xi(t)) | {s['dist_adsam']:.4g} | {s['final_dist_adsam']:.4g} |",
-            f"| SGD | {s['dist_sgd']:.4g} | {s['final_dist_sgd']:.4g} |", "",
-            f"(mean distance travelled by w_a from the start: {s['travel']:.3g}; mean Tr Xi "
-            f"{s['consensus']:.3g})", "", "![lockstep](figures/lockstep.png)", ""]
+            "same total batch, all from the same start on the same mini-batches. Distances "
+            "to D-SGD's average w_a(t):", "",
+            "| lr | trajectory | mean distance | mean over the early phase | final distance |",
+            "|---|---|---|---|---|"]
+        for lr, rows in runs.items():
+            s = lockstep_summary(rows)
+            lines += [
+                f"| {lr} | ADSAM (Sigma = Xi(t)) | {s['dist_adsam']:.4g} | "
+                f"{s['early_dist_adsam']:.4g} (steps <= {s['early_steps']}) | "
+                f"{s['final_dist_adsam']:.4g} |",
+                f"| {lr} | SGD | {s['dist_sgd']:.4g} | {s['early_dist_sgd']:.4g} | "
+                f"{s['final_dist_sgd']:.4g} |"]
+        lines += ["", "Mean Tr Xi / distance travelled by w_a: " + "; ".join(
+            f"lr {lr}: {lockstep_summary(r)['consensus']:.3g} / "
+            f"{lockstep_summary(r)['travel']:.3g}" for lr, r in runs.items()), "",
+            "![lockstep](figures/lockstep.png)", ""]
     sweep = results.get("sweep")
     if sweep:
         from dsgd.experiments.equivalence import sweep_markdown
@@ -639,7 +704,7 @@ def write_report(results: dict, out: str | Path) -> Path:
         lines += [f"Local gradient-Lipschitz estimates (radius {ls.get('radius')}) along the "
                   "lockstep runs, averaged over probes and seeds: L at D-SGD's average "
                   f"{s['lip_dsgd']:.4g}, Xi-smoothed L there {s['lip_dsgd_smoothed']:.4g}, L "
-                  f"along C-SGD {s['lip_sgd']:.4g} (right panel of the lockstep figure).", ""]
+                  f"along C-SGD {s['lip_sgd']:.4g} (last panel of the lockstep figure).", ""]
 
     name = results["scale"]
     quick = name == "quick" or name.endswith("-quick")
