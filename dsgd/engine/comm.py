@@ -36,7 +36,9 @@ class Communicator(Protocol):
 class LocalCommunicator:
     """All m workers in one process. Gossip is ``P @ x`` (dense) or, when every worker has few
     neighbours, a sum of ``deg`` row-gathers (sparse: O(deg * m * P) instead of O(m^2 P)).
-    ``mode`` forces one ("dense" or "sparse"); "auto" picks sparse when ``4 * deg <= m``."""
+    ``mode`` forces one ("dense" or "sparse"); "auto" is dense: one (m, m) x (m, P) product
+    reads every row once, and ``benchmarks/gossip.py`` measured the row gathers slower on
+    ring, grid and exponential graphs at P = 100k and 11M."""
 
     def __init__(self, topology: Topology, mode: str = "auto"):
         if mode not in ("auto", "dense", "sparse"):
@@ -58,7 +60,7 @@ class LocalCommunicator:
         P = self.topology.matrix(step)
         nnz = (P != 0).sum(1)
         deg = int(nnz.max())
-        mode = self.mode if self.mode != "auto" else ("sparse" if 4 * deg <= self.m else "dense")
+        mode = "dense" if self.mode == "auto" else self.mode
         plan = None
         if mode == "sparse":
             # slot s of row j: the s-th neighbour of j (padded with j itself at weight 0)

@@ -242,7 +242,8 @@ class Engine:
         updates, self.opt_state = self.optimizer.update({"w": grads}, self.opt_state,
                                                         {"w": self.w}, lr)
         gossip = self.algorithm == "dsgd" and (t + 1) % self.gossip_every == 0
-        self.w = (self.comm.mix(self.w, t) if gossip else self.w) - updates["w"]
+        # mix() returns a fresh tensor: subtract in place rather than allocate another (m, P)
+        self.w = (self.comm.mix(self.w, t) if gossip else self.w.clone()).sub_(updates["w"])
         if self.buffer_mode == "gossip" and self.b.shape[1]:
             if gossip:
                 self.b = self.comm.mix(self.b, t)
