@@ -187,6 +187,12 @@ def sweep_slopes(table: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]
         s = {f"{k}_vs_lr": loglog_slope(lrs, [r[k] for r in rs]) for k in SWEEP_KEYS}
         s.update({f"{k}_vs_radius": loglog_slope(radius, [r[k] for r in rs])
                   for k in SWEEP_KEYS[1:]})
+        # the asymptotic regime: relative residuals saturate near 1 at large eta
+        small = sorted(rs, key=lambda r: r["lr"])[:3]
+        if len(small) < len(rs):
+            s.update({f"{k}_vs_lr_3smallest": loglog_slope([r["lr"] for r in small],
+                                                           [r[k] for r in small])
+                      for k in SWEEP_KEYS})
         out[act] = s
     return out
 
@@ -224,6 +230,12 @@ def plot_sweep(table: Sequence[dict[str, Any]], path: str | Path, dpi: int = 100
                             label=f"slope {p}")
             ax.set_xscale("log")
             ax.set_yscale("log")
+            from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+            ax.xaxis.set_major_locator(FixedLocator(xs))
+            ax.xaxis.set_major_formatter(lambda v, _: f"{v:.2g}")
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set(xlabel=xlabel, title=f"{act} MLP: residual ||g_dsgd - g|| / ||g_dsgd||")
             ax.legend(fontsize=7)
     fig.tight_layout()
