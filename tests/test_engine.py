@@ -215,3 +215,18 @@ def test_consensus_distance_closed_form():
 def test_permuted_topology_time_varies_inside_the_engine():
     topo = permuted(make_topology("ring", M), seed=1)
     assert_same(*run_both(mlp, (5,), topo, steps=4))
+
+
+@pytest.mark.parametrize("name,rows", [("ring", 2), ("exponential", 4), ("complete", 15)])
+def test_nominal_bytes_per_worker_per_step(name, rows):
+    engine = Engine(mlp(), make_topology(name, 16), lr=0.1)
+    x, y = batches((5,), 1, m=16)[0]
+    engine.step(x, y)
+    per_worker = engine.comm.bytes_sent / 16
+    assert per_worker == rows * engine.layout.size * 4  # float32 rows to each out-neighbour
+
+
+def test_csgd_bytes_are_one_all_reduce_per_worker():
+    engine = Engine(mlp(), make_topology("ring", M), lr=0.1, algorithm="csgd")
+    engine.step(*batches((5,), 1)[0])
+    assert engine.comm.bytes_sent == M * engine.layout.size * 4

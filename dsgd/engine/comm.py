@@ -24,7 +24,7 @@ from dsgd.topology import Topology
 class Communicator(Protocol):
     m: int  # all workers
     workers: range  # the global indices of the workers hosted here
-    bytes_sent: int  # payload bytes this communicator has sent so far (0 in one process)
+    bytes_sent: int  # payload bytes sent so far (in one process: what processes would send)
 
     def mix(self, x: Tensor, step: int) -> Tensor:  # (m_local, P) -> (m_local, P)
         ...
@@ -73,6 +73,10 @@ class LocalCommunicator:
 
     def mix(self, x: Tensor, step: int) -> Tensor:
         mode, P, plan = self._plan(step, x)
+        # nominal accounting, as if each worker were a process: worker k sends its row to
+        # every other worker j with P[j, k] != 0
+        sends = int((P != 0).sum()) - int((P.diagonal() != 0).sum())
+        self.bytes_sent += sends * x.shape[1] * x.element_size()
         if mode == "dense":
             return P @ x
         index, weights = plan
@@ -82,6 +86,7 @@ class LocalCommunicator:
         return out
 
     def mean(self, x: Tensor) -> Tensor:
+        self.bytes_sent += x.numel() * x.element_size()  # each worker hands its row to all-reduce
         return x.mean(0, keepdim=True).expand_as(x).clone()
 
 

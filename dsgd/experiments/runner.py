@@ -221,7 +221,9 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
     try:
         while engine.step_count < t.steps:
             x, y = loader.next_batch()
+            sent = engine.comm.bytes_sent
             result = engine.step(x[hosted], y[hosted])
+            acc["bytes"] = acc.get("bytes", 0) + engine.comm.bytes_sent - sent
             acc["loss"] += result.loss.mean().item()
             acc["acc"] += result.accuracy.mean().item()
             acc["n"] += 1
@@ -235,7 +237,9 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
                 row = {"step": step, "epoch": step / loader.steps_per_epoch, "lr": result.lr,
                        "train_loss": train_loss, "train_acc": train_acc,
                        **evaluate(engine, ds.x_test, ds.y_test, log.eval_batch_size),
-                       "consensus": engine.consensus_distance()}
+                       "consensus": engine.consensus_distance(),
+                       # gossip/all-reduce payload per worker per step (see Communicator)
+                       "bytes_per_worker_step": acc.get("bytes", 0) / acc["n"] / len(hosted)}
                 if log.instruments:
                     row.update(measure(engine, ds, log))
                 row["time"] = time.perf_counter() - started
@@ -249,7 +253,7 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
                     bar.set_postfix(loss=f"{row['train_loss']:.3f}",
                                     test_acc=f"{row['test_acc']:.3f}",
                                     consensus=f"{row['consensus']:.2e}", refresh=False)
-                acc.update(loss=0.0, acc=0.0, n=0)
+                acc.update(loss=0.0, acc=0.0, n=0, bytes=0)
             if step % log.checkpoint_every == 0 or step == t.steps:
                 acc["elapsed"] = time.perf_counter() - started
                 checkpoint()
