@@ -272,6 +272,114 @@ def profile(spec: str, device: str) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=48))
 
 
+# ---- prototypes of engine changes (measured, not in the library) --------------------------------
+def _circulant(P) -> list[tuple[int, float]] | None:
+    """[(offset, weight)] when P[i, (i + o) % m] = P[0, o] for every i, else None."""
+    import torch
+    m = P.shape[0]
+    offsets = [(o, float(P[0, o])) for o in torch.nonzero(P[0]).flatten().tolist()]
+    i = torch.arange(m)
+    same = all(torch.allclose(P[i, (i + o) % m], torch.full((m,), w, dtype=P.dtype))
+               for o, w in offsets)
+    return offsets if same and int((P != 0).sum()) == m * len(offsets) else None
+
+
+def _prototype_classes():
+    import torch
+
+    from dsgd.engine import Engine, LocalCommunicator
+
+    class SelectCommunicator(LocalCommunicator):
+        """Sparse gossip with ``index_select`` (a memcpy per row) instead of ``x[index]``; with
+        ``shift``, circulant matrices (ring, exponential) mix by in-place adds on row slices."""
+
+        def __init__(self, topology, shift: bool = False):
+            super().__init__(topology, "sparse")
+            self.offsets = _circulant(topology.matrix(0)) if shift else None
+
+        def mix(self, x, step):
+            m = x.shape[0]
+            if self.offsets is not None:
+                out = torch.mul(x, dict(self.offsets).get(0, 0.0))
+                for o, w in self.offsets:
+                    if o:
+                        out[: m - o].add_(x[o:], alpha=w)
+                        out[m - o:].add_(x[:o], alpha=w)
+                return out
+            _, _, (index, weights) = self._plan(step, x)
+            out = torch.index_select(x, 0, index[0]).mul_(weights[0][:, None])
+            for s in range(1, index.shape[0]):
+                out.addcmul_(torch.index_select(x, 0, index[s]), weights[s][:, None])
+            return out
+
+    class FusedEngine(Engine):
+        """Plain-SGD D-SGD step with the update fused into the gossip output:
+        ``w = mix(w); w.add_(grads, alpha=-lr)`` (no ``lr * grads`` and no subtraction copy)."""
+
+        def step(self, x, y):
+            lr = float(self.lr(self.step_count))
+            grads, loss, acc = self.gradients(self.w, x, y)
+            w = self.comm.mix(self.w, self.step_count)
+            self.w = w.add_(grads, alpha=-lr)
+            if self.b.shape[1]:
+                self.b = self.comm.mix(self.b, self.step_count)
+            self.step_count += 1
+            return loss
+
+    return SelectCommunicator, FusedEngine
+
+
+def prototype(models: list[str], workers: list[int], repeats: int) -> None:
+    """Engine step as is vs with the proposed changes, interleaved in one process."""
+    import torch
+
+    from dsgd.engine import Engine
+    from dsgd.models import build_model
+    from dsgd.topology import make_topology
+    SelectCommunicator, FusedEngine = _prototype_classes()
+    print(f"prototypes, {torch.get_num_threads()} threads: ms per D-SGD ring step (median of "
+          f"{repeats}, interleaved); b = C-SGD one model at batch m*32")
+    head = (f"| {'model':<8} | {'m':>4} | {'strategy':>8} | {'engine':>8} | {'select':>8} | "
+            f"{'shift':>8} | {'shift+fused':>11} | {'b':>8} | {'gain':>5} | {'a/b before':>10} | "
+            f"{'a/b after':>9} |")
+    print(head)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    for name in models:
+        for m in workers:
+            torch.manual_seed(0)
+            shape = SHAPES[name]
+            model = build_model(name, 10, shape)
+            topo = make_topology("ring", m)
+            x, y = torch.randn(m, BATCH, *shape), torch.randint(0, 10, (m, BATCH))
+            engines = {
+                "engine": Engine(model, topo, lr=0.01),
+                "select": Engine(model, comm=SelectCommunicator(topo), lr=0.01),
+                "shift": Engine(model, comm=SelectCommunicator(topo, shift=True), lr=0.01),
+                "shift+fused": FusedEngine(model, comm=SelectCommunicator(topo, shift=True),
+                                           lr=0.01),
+            }
+            steps = {k: (lambda e=e, x=x, y=y: e.step(x, y)) for k, e in engines.items()}
+            steps["b"] = _build_runner(name, m, "csgd1", "cpu")
+            times: dict[str, list[float]] = {k: [] for k in steps}
+            for f in steps.values():
+                f()
+                f()
+            for _ in range(repeats):
+                for k, f in steps.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t0)
+            ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            w_ref = engines["engine"].w
+            for k in ("select", "shift", "shift+fused"):
+                assert torch.allclose(engines[k].w, w_ref, atol=1e-5), k
+            print(f"| {name:<8} | {m:>4} | {engines['engine'].strategy:>8} | {ms['engine']:8.1f} | "
+                  f"{ms['select']:8.1f} | {ms['shift']:8.1f} | {ms['shift+fused']:11.1f} | "
+                  f"{ms['b']:8.1f} | {ms['engine'] / ms['shift+fused']:5.2f} | "
+                  f"{ms['b'] / ms['engine']:10.2f} | {ms['b'] / ms['shift+fused']:9.2f} |",
+                  flush=True)
+
+
 # ---- the paper's run, projected (GPU) ----------------------------------------------------------
 def paper_projection(args) -> None:
     """Time 100 iterations of the paper's CIFAR-10 ResNet-18 (16 workers, 64 and 512 per worker)
@@ -333,6 +441,8 @@ def main() -> None:
     ap.add_argument("--image", type=int, default=56, help="image side for --paper-projection")
     ap.add_argument("--projection-steps", type=int, default=10)
     ap.add_argument("--profile", metavar="MODEL:M:METHOD")
+    ap.add_argument("--prototype", action="store_true",
+                    help="measure the proposed engine changes (--models, --workers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -348,6 +458,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.profile:
         profile(args.profile, args.device)
+        return
+    if args.prototype:
+        prototype(args.models, args.workers, args.repeats)
         return
     if args.paper_projection:
         paper_projection(args)
