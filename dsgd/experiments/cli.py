@@ -102,7 +102,8 @@ def _topology(args) -> int:
 def _report(args) -> int:
     from dsgd.report import make_report
 
-    path = make_report([Path(p) for p in args.runs], Path(args.out))
+    path = make_report([Path(p) for p in args.runs], Path(args.out), title=args.title,
+                       by=args.by or None)
     print(f"report: {path}")
     return 0
 
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="markdown report with plots from run directories")
     r.add_argument("runs", nargs="+", help="run directories (or folders of them)")
     r.add_argument("--out", default="reports/latest")
+    r.add_argument("--title", default="dsgd report")
+    r.add_argument("--by", nargs="+", metavar="KEY",
+                   help="group runs by these config keys (default: all but the seed)")
     r.set_defaults(fn=_report)
 
     q = sub.add_parser("quickstart", help="D-SGD (ring) vs C-SGD on Fashion-MNIST, and a report")
