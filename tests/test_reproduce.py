@@ -29,7 +29,7 @@ TINY = replace(
     batches=((4, 0.1), (16, 0.4)), analysis_samples=64, hutchinson_samples=2, power_iters=3,
     uncertainty_samples=64, posterior_draws=2, landscape_steps=3, sweep_lrs=(0.2, 0.1),
     sweep_steps=4, sweep_activations=("tanh",), sweep_seeds=1, lockstep_steps=4,
-    lockstep_seeds=2, lockstep_probe_every=2)
+    lockstep_lrs=(0.2, 0.05), lockstep_seeds=2, lockstep_probe_every=2)
 
 
 def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path):

@@ -68,6 +68,9 @@ class Scale:
     lockstep_seeds: int = 3
     lockstep_probe_every: int = 50
     lockstep_radius: float = 0.05
+    probe_dirs: int = 8  # smoothness probes: random directions, Monte Carlo pairs
+    probe_samples: int = 8
+    sweep_samples: int = 16  # antithetic pairs of the ADSAM gradient in the decomposition
     needs_gpu: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -91,8 +94,9 @@ QUICK = replace(
                "log.checkpoint_every=10", "model.options={hidden = [32]}", "train.workers=8"),
     analysis_samples=256, hutchinson_samples=4, power_iters=5, uncertainty_samples=300,
     posterior_draws=4, landscape_steps=5, sweep_lrs=(0.4, 0.1), sweep_steps=10,
-    sweep_activations=("relu", "tanh"), sweep_seeds=1, lockstep_steps=12, lockstep_seeds=2,
-    lockstep_probe_every=6)
+    sweep_activations=("relu", "tanh"), sweep_seeds=1, sweep_samples=4, lockstep_steps=12,
+    lockstep_lrs=(0.2,), lockstep_seeds=2, lockstep_probe_every=6, probe_dirs=2,
+    probe_samples=2)
 
 
 def get_scale(name: str, quick: bool = False) -> Scale:
@@ -307,7 +311,8 @@ def lockstep_run(scale: Scale, base: C.Config, seed: int, lr: float,
             yield setup.loader.next_batch()
 
     x, y = _fixed(setup, min(scale.analysis_samples, 512))
-    probe = smoothness_probe(x, y, radius=scale.lockstep_radius, seed=seed)
+    probe = smoothness_probe(x, y, radius=scale.lockstep_radius, num_dirs=scale.probe_dirs,
+                             num_samples=scale.probe_samples, seed=seed)
     return lockstep(model, topo, batches(), lr=lr, steps=scale.lockstep_steps,
                     strategy=t.strategy, seed=seed,
                     record_every=max(1, scale.lockstep_steps // 60),
@@ -432,7 +437,8 @@ def reproduce(out: str | Path, scale: Scale, *, seeds: int | None = None,
             rows += _cached(analysis / "sweep" / f"{act}.json", lambda act=act: lr_sweep(
                 sweep_base, scale.sweep_lrs, steps=scale.sweep_steps, activation=act,
                 seeds=[base.train.seed + i for i in range(scale.sweep_seeds)],
-                eval_samples=scale.analysis_samples, log=log))
+                eval_samples=scale.analysis_samples, num_samples=scale.sweep_samples,
+                log=log))
         sweep = write_sweep(rows, analysis / "sweep")
 
     results = {
