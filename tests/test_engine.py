@@ -102,7 +102,7 @@ def test_local_sgd_gossips_every_tau_steps(every):
 
 
 @pytest.mark.parametrize("name", TOPOLOGIES)
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
+@pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
 def test_gossip_preserves_the_mean(name, mode):
     topo = make_topology(name, 16)
     comm = LocalCommunicator(topo, mode=mode)
@@ -230,3 +230,18 @@ def test_csgd_bytes_are_one_all_reduce_per_worker():
     engine = Engine(mlp(), make_topology("ring", M), lr=0.1, algorithm="csgd")
     engine.step(*batches((5,), 1)[0])
     assert engine.comm.bytes_sent == M * engine.layout.size * 4
+
+
+@pytest.mark.parametrize("name", ["ring", "exponential", "one_peer_exponential", "complete"])
+def test_shift_gossip_of_circulant_matrices_equals_the_product(name):
+    topo = make_topology(name, 16)
+    comm = LocalCommunicator(topo, mode="shift")
+    x = torch.randn(16, 300, dtype=torch.float64)
+    for t in range(4):
+        torch.testing.assert_close(comm.mix(x, t), topo.matrix(t) @ x, atol=1e-12, rtol=0)
+    assert LocalCommunicator(topo)._plan(0, x)[0] == "shift"  # auto picks it
+
+
+def test_shift_gossip_refuses_a_non_circulant_matrix():
+    with pytest.raises(ValueError, match="circulant"):
+        LocalCommunicator(make_topology("grid", 16), mode="shift").mix(torch.zeros(16, 3), 0)

@@ -34,55 +34,78 @@ class Communicator(Protocol):
 
 
 class LocalCommunicator:
-    """All m workers in one process. Gossip is ``P @ x`` (dense) or, when every worker has few
-    neighbours, a sum of ``deg`` row-gathers (sparse: O(deg * m * P) instead of O(m^2 P)).
-    ``mode`` forces one ("dense" or "sparse"); "auto" is dense: one (m, m) x (m, P) product
-    reads every row once, and ``benchmarks/gossip.py`` measured the row gathers slower on
-    ring, grid and exponential graphs at P = 100k and 11M."""
+    """All m workers in one process; ``mix`` computes ``P @ x`` in one of three ways:
+
+    - ``shift``: for circulant P (ring, exponential, one-peer exponential, complete),
+      ``out[j] = sum_o P[0, o] x[(j + o) % m]`` as in-place adds of row slices, no temporaries;
+    - ``dense``: one (m, m) x (m, P) matrix product, which reads every row once;
+    - ``sparse``: ``deg`` row gathers (``index_select``), O(deg * m * P) instead of O(m^2 P).
+
+    ``"auto"`` picks shift for circulant matrices, dense up to m = 256 and sparse beyond: the
+    choices ``benchmarks/gossip.py`` measured fastest on this CPU (docs/performance.md).
+    """
+
+    MODES = ("auto", "dense", "sparse", "shift")
 
     def __init__(self, topology: Topology, mode: str = "auto"):
-        if mode not in ("auto", "dense", "sparse"):
-            raise ValueError(f"mode must be auto, dense or sparse, got {mode!r}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.topology = topology
         self.m = topology.m
         self.workers = range(self.m)
         self.bytes_sent = 0
         self.mode = mode
-        self._cache: tuple[int, str, Tensor, Tensor | None] | None = None
+        self._cache: tuple | None = None
 
     def _plan(self, step: int, like: Tensor):
-        """The matrix in x's dtype/device, and for sparse mode the (deg, m) gather plan."""
-        key = 0 if not self.topology.time_varying else step
-        cached = self._cache
-        if cached and cached[0] == key and cached[2].dtype == like.dtype \
-                and cached[2].device == like.device:
-            return cached[1:]
+        """(mode, matrix, plan, sends) for this step, cached while the matrix cannot change."""
+        key = (0 if not self.topology.time_varying else step, like.dtype, like.device)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1:]
         P = self.topology.matrix(step)
-        nnz = (P != 0).sum(1)
-        deg = int(nnz.max())
-        mode = "dense" if self.mode == "auto" else self.mode
+        circulant = all(torch.equal(P[j], torch.roll(P[0], j)) for j in range(self.m))
+        mode = self.mode
+        if mode == "auto":
+            mode = "shift" if circulant else ("dense" if self.m <= 256 else "sparse")
+        if mode == "shift" and not circulant:
+            raise ValueError(f"shift gossip needs a circulant matrix; {self.topology.name} "
+                             "is not one")
         plan = None
-        if mode == "sparse":
+        if mode == "shift":
+            offsets = torch.nonzero(P[0]).flatten().tolist()
+            plan = [(o, float(P[0, o])) for o in offsets]
+        elif mode == "sparse":
+            deg = int((P != 0).sum(1).max())
             # slot s of row j: the s-th neighbour of j (padded with j itself at weight 0)
             order = torch.argsort((P == 0).to(torch.int8), dim=1, stable=True)[:, :deg]  # (m, deg)
             weights = torch.gather(P, 1, order)
             plan = (order.T.contiguous().to(like.device),
                     weights.T.contiguous().to(like.device, like.dtype))  # (deg, m) each
-        self._cache = (key, mode, P.to(like.device, like.dtype), plan)
-        return self._cache[1:]
-
-    def mix(self, x: Tensor, step: int) -> Tensor:
-        mode, P, plan = self._plan(step, x)
         # nominal accounting, as if each worker were a process: worker k sends its row to
         # every other worker j with P[j, k] != 0
         sends = int((P != 0).sum()) - int((P.diagonal() != 0).sum())
+        self._cache = (key, mode, P.to(like.device, like.dtype), plan, sends)
+        return self._cache[1:]
+
+    def mix(self, x: Tensor, step: int) -> Tensor:
+        mode, P, plan, sends = self._plan(step, x)
         self.bytes_sent += sends * x.shape[1] * x.element_size()
         if mode == "dense":
             return P @ x
+        if mode == "shift":
+            m = x.shape[0]
+            out = torch.zeros_like(x)
+            for o, w in plan:
+                if o == 0:
+                    out.add_(x, alpha=w)
+                    continue
+                out[: m - o].add_(x[o:], alpha=w)  # rows j < m - o read x[j + o]
+                out[m - o:].add_(x[:o], alpha=w)  # the rest wrap around
+            return out
         index, weights = plan
-        out = x[index[0]] * weights[0][:, None]
+        out = torch.index_select(x, 0, index[0]).mul_(weights[0][:, None])
         for s in range(1, index.shape[0]):
-            out.addcmul_(x[index[s]], weights[s][:, None])
+            out.addcmul_(torch.index_select(x, 0, index[s]), weights[s][:, None])
         return out
 
     def mean(self, x: Tensor) -> Tensor:

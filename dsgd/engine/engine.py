@@ -239,11 +239,10 @@ class Engine:
             grads = self._apply_rule(grads, x, y)
         if self.algorithm == "csgd":
             grads = self.comm.mean(grads)
-        updates, self.opt_state = self.optimizer.update({"w": grads}, self.opt_state,
-                                                        {"w": self.w}, lr)
+        d, self.opt_state = self.optimizer.direction({"w": grads}, self.opt_state, {"w": self.w})
         gossip = self.algorithm == "dsgd" and (t + 1) % self.gossip_every == 0
-        # mix() returns a fresh tensor: subtract in place rather than allocate another (m, P)
-        self.w = (self.comm.mix(self.w, t) if gossip else self.w.clone()).sub_(updates["w"])
+        # mix() returns a fresh tensor: w <- mix(w) - lr * d in place, no other (m, P) temporary
+        self.w = (self.comm.mix(self.w, t) if gossip else self.w.clone()).add_(d["w"], alpha=-lr)
         if self.buffer_mode == "gossip" and self.b.shape[1]:
             if gossip:
                 self.b = self.comm.mix(self.b, t)

@@ -6,7 +6,7 @@ The rule is torch.optim.SGD's (dampening 0), applied independently to every work
     buf <- g                      (first step)
     buf <- momentum * buf + g     (later steps)
     d   <- g + momentum * buf     (nesterov)  or  buf
-    update = lr * d               (the caller applies w <- mix(w) - update)
+    w   <- mix(w) - lr * d        (the engine applies it, fused with gossip)
 
 Gradients and weight decay are taken at the worker's pre-gossip weights, as D-SGD requires
 (Lian et al. 2017; Zhu et al. 2023, eq. 2).
@@ -42,10 +42,10 @@ class SGD:
         return SGDState(momentum=None)
 
     @torch.no_grad()
-    def update(
-        self, grads: Stacked, state: SGDState, params: Stacked, lr: float
-    ) -> tuple[Stacked, SGDState]:
-        """Return ``(updates, state)``; the new weights are ``w - updates`` (before gossip)."""
+    def direction(self, grads: Stacked, state: SGDState, params: Stacked
+                  ) -> tuple[Stacked, SGDState]:
+        """Return ``(d, state)``: the step is ``w <- mix(w) - lr * d``. ``d`` may be ``grads``
+        itself (plain SGD); callers must not modify it in place."""
         names = list(grads)
         g = [grads[k] for k in names]
         if self.weight_decay:
@@ -61,4 +61,11 @@ class SGD:
             d = torch._foreach_add(g, buf, alpha=self.momentum) if self.nesterov else buf
         else:
             d = g
-        return dict(zip(names, torch._foreach_mul(d, lr))), state
+        return dict(zip(names, d)), state
+
+    def update(self, grads: Stacked, state: SGDState, params: Stacked, lr: float
+               ) -> tuple[Stacked, SGDState]:
+        """Return ``(updates, state)`` with ``updates = lr * d``: the new weights are
+        ``w - updates`` (before gossip)."""
+        d, state = self.direction(grads, state, params)
+        return {k: lr * v for k, v in d.items()}, state
