@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dsgd.engine.memory import keep_freed_memory
+
+    keep_freed_memory()  # large per-step tensors reuse freed memory instead of page-faulting
     try:
         return args.fn(args)
     except UserError as err:
