@@ -444,12 +444,17 @@ def main() -> None:
     ap.add_argument("--prototype", action="store_true",
                     help="measure the proposed engine changes (--models, --workers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's allocator settings alone (the CLI tunes them)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
     if args.child:
         cfg = json.loads(args.child)
+        if cfg.get("keep_freed_memory", True):  # as the dsgd command line does
+            from dsgd.engine.memory import keep_freed_memory
+            keep_freed_memory()
         if cfg.get("threads"):
             torch.set_num_threads(cfg["threads"])
         print(json.dumps(measure(cfg)))
@@ -485,7 +490,8 @@ def main() -> None:
                     continue
                 cfg = {"model": model, "m": m, "method": method, "device": args.device,
                        "limit": args.step_limit, "budget": args.budget,
-                       "repeats": args.repeats, "threads": args.threads}
+                       "repeats": args.repeats, "threads": args.threads,
+                       "keep_freed_memory": not args.default_malloc}
                 r = run_child(cfg, timeout=args.step_limit * 3 + args.budget * 2 + 120)
                 results[(model, m, method)] = r
                 if r.get("skip", "").startswith("one step"):

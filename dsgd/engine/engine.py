@@ -21,7 +21,8 @@ evaluated model used worker 0's statistics). Integer buffers (``num_batches_trac
 Gradient strategies: ``"vmap"`` computes all workers' gradients in one
 ``torch.func.vmap(torch.func.grad(...))`` call; ``"loop"`` runs one forward/backward per worker.
 ``"auto"`` picks vmap for models without convolutions on CPU and for every model on GPU, loop
-otherwise (on CPU a conv net is compute-bound, and a loop keeps its working set small).
+otherwise (on CPU a conv net is compute-bound, and a loop keeps its working set small) and for
+a single hosted worker (one worker per process under torchrun), where vmap only adds overhead.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class Engine:
 
         device_is_gpu = self.w.device.type != "cpu"
         if strategy == "auto":
-            strategy = "vmap" if device_is_gpu or not _is_conv(model) else "loop"
+            batched = m_local > 1 and (device_is_gpu or not _is_conv(model))
+            strategy = "vmap" if batched else "loop"
         self.strategy = strategy
         self._vmapped = vmap(grad(self._worker_loss, has_aux=True))
 
