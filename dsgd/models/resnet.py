@@ -168,8 +168,8 @@ def resnet18_micro(
     stem: str = "3x3",
 ) -> ResNet:
     """ResNet-18 with a stride-1 stem and no downsampling max pool, for small images."""
-    c, _, _ = image_shape("resnet18_micro", in_shape, min_size=1)
-    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, c, norm, norm_groups, stem)
+    return _micro_resnet("resnet18_micro", (2, 2, 2, 2), num_classes, in_shape, norm,
+                         norm_groups, stem)
 
 
 @register_model("resnet34_micro")
@@ -181,5 +181,11 @@ def resnet34_micro(
     stem: str = "3x3",
 ) -> ResNet:
     """ResNet-34 with a stride-1 stem and no downsampling max pool, for small images."""
-    c, _, _ = image_shape("resnet34_micro", in_shape, min_size=1)
-    return ResNet((3, 4, 6, 3), (64, 128, 256, 512), num_classes, c, norm, norm_groups, stem)
+    return _micro_resnet("resnet34_micro", (3, 4, 6, 3), num_classes, in_shape, norm,
+                         norm_groups, stem)
+
+
+def _micro_resnet(name: str, blocks: tuple[int, ...], num_classes: int,
+                  in_shape: tuple[int, ...], norm: str, norm_groups: int, stem: str) -> ResNet:
+    c, _, _ = image_shape(name, in_shape, min_size=1)
+    return ResNet(blocks, (64, 128, 256, 512), num_classes, c, norm, norm_groups, stem)
