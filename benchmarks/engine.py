@@ -189,12 +189,10 @@ def run_child(cfg: dict, timeout: float) -> dict:
 
 
 # ---- tables ------------------------------------------------------------------------------------
-def _auto_strategy(model_name: str, device: str) -> str:
-    from dsgd.engine.engine import _is_conv
+def _auto_strategy(model_name: str, device: str, m: int) -> str:
+    from dsgd.engine.engine import auto_strategy
     from dsgd.models import build_model
-    if device.startswith("cuda"):
-        return "vmap"
-    return "loop" if _is_conv(build_model(model_name, 10, SHAPES[model_name])) else "vmap"
+    return auto_strategy(build_model(model_name, 10, SHAPES[model_name]), m, device)
 
 
 def _fmt(r: dict | None, key: str, spec: str) -> str:
@@ -222,8 +220,8 @@ def print_table(results: dict, models: list[str], workers: dict[str, list[int]],
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     skips = []
     for model in models:
-        auto = _auto_strategy(model, device)
         for m in workers[model]:
+            auto = _auto_strategy(model, device, m)
             r = {meth: results.get((model, m, meth)) for meth in METHODS}
             a = r[auto]
             print(f"| {model:<14} | {m:>4} | {auto:>4} | {_fmt(r['vmap'], 'samples_s', '9.0f')} | "
@@ -244,8 +242,8 @@ def print_table(results: dict, models: list[str], workers: dict[str, list[int]],
           f"{'vmap/loop':>9} |")
     print(f"|{'-' * 16}|{'-' * 6}|{'-' * 7}|{'-' * 7}|{'-' * 7}|{'-' * 11}|")
     for model in models:
-        auto = _auto_strategy(model, device)
         for m in workers[model]:
+            auto = _auto_strategy(model, device, m)
             r = {meth: results.get((model, m, meth)) for meth in METHODS}
             a, k = r[auto], "best_samples_s"
             print(f"| {model:<14} | {m:>4} | {_ratio(a, r['csgd1'], k):>5} | "
@@ -479,9 +477,9 @@ def main() -> None:
     workers = {mo: args.workers + (args.mlp_extra if mo == "mlp" else []) for mo in args.models}
     results = {}
     for model in args.models:
-        auto = _auto_strategy(model, args.device)
         too_slow: set[str] = set()
         for m in workers[model]:
+            auto = _auto_strategy(model, args.device, m)
             for method in args.methods:
                 if method == "paper" and m == 1:
                     continue

@@ -60,6 +60,12 @@ def _is_conv(model: nn.Module) -> bool:
     return any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
 
 
+def auto_strategy(model: nn.Module, m_local: int, device: torch.device | str) -> str:
+    """The gradient strategy ``"auto"`` picks (see the module docstring)."""
+    gpu = torch.device(device).type != "cpu"
+    return "vmap" if m_local > 1 and (gpu or not _is_conv(model)) else "loop"
+
+
 class Engine:
     def __init__(
         self,
@@ -112,11 +118,8 @@ class Engine:
         self.opt_state = self.optimizer.init({"w": self.w})
         self.step_count = 0
 
-        device_is_gpu = self.w.device.type != "cpu"
-        if strategy == "auto":
-            batched = m_local > 1 and (device_is_gpu or not _is_conv(model))
-            strategy = "vmap" if batched else "loop"
-        self.strategy = strategy
+        self.strategy = auto_strategy(model, m_local, self.w.device) if strategy == "auto" \
+            else strategy
         self._vmapped = vmap(grad(self._worker_loss, has_aux=True))
 
     # ---- state -------------------------------------------------------------------------------
