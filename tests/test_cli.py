@@ -1,6 +1,7 @@
 """The command line: one-line errors with exit status 2, and real runs that resume after SIGKILL."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -158,3 +159,16 @@ def test_torchrun_train_matches_the_simulated_run(tmp_path):
     blocks = [torch.load(dist / "checkpoints" / f"rank{r}.pt", weights_only=True)["engine"]["w"]
               for r in range(2)]
     torch.testing.assert_close(torch.cat(blocks), w, atol=1e-5, rtol=0)
+
+
+def test_instruments_are_logged_at_eval_time(tmp_path):
+    out = tmp_path / "run"
+    instruments = 'log.instruments=["hessian", "equivalence", "uncertainty"]'
+    assert main(["train", *sets(instruments, "train.steps=10", "log.instrument_samples=64"),
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    keys = ["hessian_trace", "top_eigenvalue", "xi_trace", "residual_sgd", "residual_adsam",
+            "residual_2nd", "averaged_ece", "ensemble_nll", "posterior_accuracy"]
+    assert all(k in row and math.isfinite(row[k]) for k in keys), row
+    assert row["xi_trace"] != 0 and row["residual_sgd"] > 0
+    assert row["averaged_accuracy"] == pytest.approx(row["test_acc"])  # same averaged model

@@ -27,6 +27,23 @@ from dsgd.metrics.uncertainty import evaluate_uncertainty
 UNCERTAINTY_TEST_SAMPLES = 2000
 
 
+def averaged_loss(engine, x, y):
+    """``(loss_fn, w_a)``: the averaged model's loss on (x, y) as a function of its parameters
+    (eval mode, averaged buffers), and its parameters."""
+    avg = engine.module(engine.average_state())
+    loss_fn = make_loss_fn(avg, x, y, buffers=dict(avg.named_buffers()))
+    return loss_fn, {k: p.detach() for k, p in avg.named_parameters()}
+
+
+def sharpness(loss_fn, w_a, stacked, *, samples: int = 20, iters: int = 30,
+              generator: torch.Generator | None = None) -> dict[str, float]:
+    """Hutchinson trace (and its standard error), top eigenvalue and Tr(H Xi) at w_a."""
+    trace, stderr = hutchinson_trace(loss_fn, w_a, num_samples=samples, generator=generator)
+    top = top_eigenvalue(loss_fn, w_a, iters=iters, tol=1e-3, generator=generator)[0]
+    return {"hessian_trace": trace, "hessian_trace_stderr": stderr, "top_eigenvalue": top,
+            "xi_trace": xi_weighted_trace(loss_fn, w_a, deviations(stacked))}
+
+
 def measure(engine, dataset, log, seed: int = 0) -> dict[str, float]:
     if len(engine.comm.workers) != engine.m:
         raise UserError("log.instruments need every worker in one process; run them with the "
@@ -35,18 +52,11 @@ def measure(engine, dataset, log, seed: int = 0) -> dict[str, float]:
     device = engine.w.device
     n = log.instrument_samples
     x, y = dataset.x_train[:n].to(device), dataset.y_train[:n].to(device)
-    avg = engine.module(engine.average_state())
-    buffers = {k: v for k, v in avg.named_buffers()}
-    loss_fn = make_loss_fn(avg, x, y, buffers=buffers)
-    w_a = {k: p.detach() for k, p in avg.named_parameters()}
+    loss_fn, w_a = averaged_loss(engine, x, y)
     stacked = engine.params
     row: dict[str, float] = {}
     if "hessian" in log.instruments:
-        row["hessian_trace"], row["hessian_trace_stderr"] = hutchinson_trace(
-            loss_fn, w_a, num_samples=20, generator=gen)
-        row["top_eigenvalue"] = top_eigenvalue(loss_fn, w_a, iters=30, tol=1e-3,
-                                               generator=gen)[0]
-        row["xi_trace"] = xi_weighted_trace(loss_fn, w_a, deviations(stacked))
+        row.update(sharpness(loss_fn, w_a, stacked, generator=gen))
     if "equivalence" in log.instruments and engine.m > 1:
         dec = decompose(loss_fn, stacked, num_samples=8, generator=gen)
         row.update(residual_sgd=dec.res_sgd, residual_adsam=dec.res_adsam,
