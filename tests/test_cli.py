@@ -172,3 +172,16 @@ def test_instruments_are_logged_at_eval_time(tmp_path):
     assert all(k in row and math.isfinite(row[k]) for k in keys), row
     assert row["xi_trace"] != 0 and row["residual_sgd"] > 0
     assert row["averaged_accuracy"] == pytest.approx(row["test_acc"])  # same averaged model
+
+
+def test_quickstart_trains_both_and_reports_then_reruns_without_training(tmp_path, capsys):
+    args = ["quickstart", "--out", str(tmp_path / "qs"), *sets("train.steps=10")]
+    assert main(args) == 0
+    report = tmp_path / "qs" / "report" / "REPORT.md"
+    text = report.read_text()
+    assert "D-SGD ring m=4" in text and "C-SGD m=4" in text
+    before = (tmp_path / "qs" / "dsgd" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(args) == 0  # finished runs are reused, not retrained
+    assert (tmp_path / "qs" / "dsgd" / "metrics.jsonl").read_text() == before
+    assert capsys.readouterr().out.count("finished: test accuracy") == 2

@@ -110,7 +110,7 @@ def _report(args) -> int:
 
 def _quickstart(args) -> int:
     from dsgd.experiments import config as C
-    from dsgd.experiments.runner import train
+    from dsgd.experiments.runner import ensure_run
     from dsgd.report import make_report
 
     out = Path(args.out)
@@ -122,13 +122,10 @@ def _quickstart(args) -> int:
         how = cfg.train.topology if algorithm == "dsgd" else "all-reduce"
         print(f"training {algorithm.upper()} ({how}, {cfg.train.workers} workers) "
               f"on {cfg.data.name} -> {run_dir}")
-        resume = (run_dir / "checkpoints" / "last.pt").exists() and not (
-            run_dir / "summary.json").exists()
-        summary = train(cfg, run_dir, resume=resume) if not (
-            run_dir / "summary.json").exists() else None
-        if summary:
-            print(f"  test accuracy {100 * summary['final']['test_acc']:.2f}% "
-                  f"in {summary['wall_time']:.0f} s")
+        summary = ensure_run(cfg, run_dir)  # reruns skip finished runs, resume broken ones
+        print(f"  {summary['status']}: test accuracy "
+              f"{100 * summary['final'].get('test_acc', float('nan')):.2f}% "
+              f"in {summary['wall_time']:.0f} s")
         runs.append(run_dir)
     path = make_report(runs, out / "report", title="dsgd quickstart: D-SGD (ring) vs C-SGD")
     print(f"report: {path}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -272,3 +273,22 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
             tb.close()
         run.summarize(rows, status, time.perf_counter() - started, engine.step_count, message)
     return run.summarize(rows, status, time.perf_counter() - started, engine.step_count)
+
+
+def ensure_run(cfg: C.Config, run_dir: str | Path) -> dict:
+    """Train ``cfg`` into ``run_dir`` unless it finished (or diverged) before; resume when a
+    checkpoint exists; start afresh when a run died before its first checkpoint. Returns the
+    summary. For pipelines (quickstart, reproduce) that are rerun until everything is done."""
+    run_dir = Path(run_dir)
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        if s.get("status") in ("finished", "diverged"):
+            return s
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # nothing resumable was written
+    try:
+        return train(cfg, run_dir, resume=resume)
+    except TrainingDiverged:
+        return json.loads(summary.read_text())
