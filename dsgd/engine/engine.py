@@ -67,6 +67,20 @@ def auto_strategy(model: nn.Module, m_local: int, device: torch.device | str) ->
 
 
 class Engine:
+    """m workers of ``model`` trained with D-SGD or C-SGD.
+
+    model: the nn.Module every worker starts from (its parameters and buffers are copied).
+    topology / comm: a mixing-matrix schedule (all workers in this process), or a communicator
+        hosting some of them (``dsgd.engine.distributed`` under torchrun).
+    optimizer: an object with ``init(params)`` and ``direction(grads, state, params)``
+        (``dsgd.optim.SGD``); lr: a float or a schedule ``step -> lr``.
+    algorithm: "dsgd" or "csgd"; gossip_every: tau > 1 gives local SGD.
+    buffers: "gossip" or "local" BatchNorm statistics; strategy: "auto", "vmap" or "loop".
+    loss: ``loss(outputs, targets)``, a mean over the batch.
+    gradient_rule: optional SAM-family rule (``dsgd.optim.SAM``, ``AvgSAM``).
+    seed: seeds the generator the gradient rule draws from (checkpointed).
+    """
+
     def __init__(
         self,
         model: nn.Module,
