@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,8 +31,9 @@ from typing import Any
 
 import torch
 
-from dsgd.errors import TrainingDiverged, UserError
+from dsgd.errors import UserError
 from dsgd.experiments import config as C
+from dsgd.experiments.runner import ensure_run
 from dsgd.report.tables import stat
 
 # ---------------------------------------------------------------- scales
@@ -168,25 +168,6 @@ def settings(scale: Scale, seeds: int | None = None, extra: list[str] | None = N
 # ---------------------------------------------------------------- training, resumable
 
 
-def ensure_run(cfg: C.Config, run_dir: Path) -> dict:
-    """Train ``cfg`` into ``run_dir`` unless it finished (or diverged) before; resume when a
-    checkpoint exists; start afresh when a run died before its first checkpoint."""
-    from dsgd.experiments.runner import train
-
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        if s.get("status") in ("finished", "diverged"):
-            return s
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    try:
-        return train(cfg, run_dir, resume=resume)
-    except TrainingDiverged:
-        return json.loads(summary.read_text())
-
-
 def _read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -228,34 +209,21 @@ def _fixed(setup, n: int):
 
 def sharpness(setup, scale: Scale, seed: int = 0) -> dict[str, float]:
     """Hutchinson trace, top eigenvalue and Tr(H Xi) of the final averaged model."""
-    from dsgd.metrics._func import make_loss_fn
-    from dsgd.metrics.consensus import deviations
-    from dsgd.metrics.hessian import hutchinson_trace, top_eigenvalue, xi_weighted_trace
+    from dsgd.experiments.instruments import averaged_loss
+    from dsgd.experiments.instruments import sharpness as measure_sharpness
 
-    e = setup.engine
-    x, y = _fixed(setup, scale.analysis_samples)
-    avg = e.module(e.average_state())
-    loss_fn = make_loss_fn(avg, x, y, buffers=dict(avg.named_buffers()))
-    w = {k: p.detach() for k, p in avg.named_parameters()}
-    gen = torch.Generator().manual_seed(seed)
-    trace, trace_se = hutchinson_trace(loss_fn, w, num_samples=scale.hutchinson_samples,
-                                       generator=gen)
-    top = top_eigenvalue(loss_fn, w, iters=scale.power_iters, tol=1e-3, generator=gen)[0]
-    return {"hessian_trace": float(trace), "hessian_trace_stderr": float(trace_se),
-            "top_eigenvalue": float(top), "train_loss_fixed": float(loss_fn(w)),
-            "xi_trace": float(xi_weighted_trace(loss_fn, w, deviations(e.params)))}
+    loss_fn, w = averaged_loss(setup.engine, *_fixed(setup, scale.analysis_samples))
+    out = measure_sharpness(loss_fn, w, setup.engine.params, samples=scale.hutchinson_samples,
+                            iters=scale.power_iters, generator=torch.Generator().manual_seed(seed))
+    return {**out, "train_loss_fixed": float(loss_fn(w))}
 
 
 def landscape(setup, scale: Scale, seed: int = 0) -> dict[str, Any]:
     """Filter-normalized 2D loss surface around the final averaged model (Li et al. 2018)."""
-    from dsgd.metrics._func import make_loss_fn
+    from dsgd.experiments.instruments import averaged_loss
     from dsgd.metrics.landscape import surface_2d
 
-    e = setup.engine
-    x, y = _fixed(setup, scale.analysis_samples)
-    avg = e.module(e.average_state())
-    loss_fn = make_loss_fn(avg, x, y, buffers=dict(avg.named_buffers()))
-    w = {k: p.detach() for k, p in avg.named_parameters()}
+    loss_fn, w = averaged_loss(setup.engine, *_fixed(setup, scale.analysis_samples))
     a, b, Z = surface_2d(loss_fn, w, steps=scale.landscape_steps, span=1.0,
                          generator=torch.Generator().manual_seed(seed))
     return {"alphas": a.tolist(), "betas": b.tolist(), "Z": Z.tolist()}
