@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT     ?= runs/quickstart
 
-.PHONY: venv data run test test-all lint bench clean
+.PHONY: venv data run test test-all test-slow lint bench clean
 
 venv: $(BIN)/dsgd
 
@@ -31,6 +31,9 @@ test: venv
 
 test-all: venv
 	$(BIN)/python -m pytest -m ""
+
+test-slow: venv
+	$(BIN)/python -m pytest -m slow
 
 lint: venv
 	$(BIN)/ruff check dsgd tests benchmarks

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,6 +264,9 @@ def test_verdicts_without_measurements_say_so():
 @pytest.mark.slow
 def test_cli_reproduce_quick(tmp_path):
     from dsgd.experiments.cli import main
+
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (make data)")
 
     assert main(["reproduce", "--quick", "--out", str(tmp_path / "q")]) == 0
     assert (tmp_path / "q" / "REPORT.md").is_file()
