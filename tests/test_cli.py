@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsgd.errors import UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.cli import main
 
@@ -185,3 +187,54 @@ def test_quickstart_trains_both_and_reports_then_reruns_without_training(tmp_pat
     assert main(args) == 0  # finished runs are reused, not retrained
     assert (tmp_path / "qs" / "dsgd" / "metrics.jsonl").read_text() == before
     assert capsys.readouterr().out.count("finished: test accuracy") == 2
+
+
+def test_torchrun_crash_then_resume_matches_the_simulated_run(tmp_path):
+    """Kill a whole torchrun job mid-run; --resume from the per-rank checkpoints finishes with
+    the weights of an uninterrupted single-process run."""
+    import shutil
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    sim, dist = tmp_path / "sim", tmp_path / "dist"
+    slow = ("train.steps=600", "log.eval_every=20", "log.checkpoint_every=20")
+    args = ["train", *sets(*slow), "--out"]
+    assert main([*args, str(sim)]) == 0
+    launch = [torchrun, "--standalone", "--nproc-per-node=2", "-m", "dsgd", *args, str(dist),
+              "--engine", "distributed", "--timeout", "30"]
+    proc = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = dist / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    proc.wait()
+    assert len(metrics.read_text().splitlines()) < 30, "the job must be killed mid-way"
+    done = subprocess.run([*launch, "--resume"], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    w = torch.load(sim / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+    blocks = [torch.load(dist / "checkpoints" / f"rank{r}.pt", weights_only=True)["engine"]["w"]
+              for r in range(2)]
+    torch.testing.assert_close(torch.cat(blocks), w, atol=1e-5, rtol=0)
+
+
+def test_resume_takes_the_step_every_rank_holds(tmp_path):
+    """A crash between two ranks' saves: the rank ahead resumes from its previous checkpoint."""
+    from dsgd.experiments.runner import Run
+
+    out = tmp_path / "run"
+    assert main(["train", *sets("train.steps=10"), "--out", str(out)]) == 0
+    cfg = C.load(str(out / "config.toml"))
+
+    class Behind:  # another rank only reached step 5
+        def __init__(self, step):
+            self.step = step
+
+        def agree_min(self, value):
+            return min(value, self.step)
+
+    assert Run(out).start(cfg, resume=True, comm=Behind(10))["engine"]["step"] == 10
+    assert Run(out).start(cfg, resume=True, comm=Behind(5))["engine"]["step"] == 5
+    with pytest.raises(UserError, match="different steps"):
+        Run(out).start(cfg, resume=True, comm=Behind(0))

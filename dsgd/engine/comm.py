@@ -32,6 +32,9 @@ class Communicator(Protocol):
     def mean(self, x: Tensor) -> Tensor:  # (m_local, P) -> (m_local, P), rows equal
         ...
 
+    def agree_min(self, value: int) -> int:  # the smallest value over all processes
+        ...
+
 
 class LocalCommunicator:
     """All m workers in one process; ``mix`` computes ``P @ x`` in one of three ways:
@@ -111,6 +114,9 @@ class LocalCommunicator:
     def mean(self, x: Tensor) -> Tensor:
         self.bytes_sent += x.numel() * x.element_size()  # each worker hands its row to all-reduce
         return x.mean(0, keepdim=True).expand_as(x).clone()
+
+    def agree_min(self, value: int) -> int:
+        return value  # one process
 
 
 def global_average(comm: Communicator, x: Tensor) -> Tensor:

@@ -315,6 +315,17 @@ class TorchDistributedCommunicator:
             self.bytes_sent += plan.rows_sent * x.shape[1] * x.element_size()
         return plan.weights @ torch.cat([x, *bufs]) if bufs else plan.weights @ x
 
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over all ranks (e.g. the checkpoint step every rank holds)."""
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        started = time.monotonic()
+        try:
+            work = dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._failure("all-reduce", None, started, e) from e
+        self._wait([work], [None], "all-reduce", started)
+        return int(t.item())
+
     def mean(self, x: Tensor) -> Tensor:  # (b, P) -> (b, P), every row the mean of all m
         total = x.sum(0)  # (P,)
         started = time.monotonic()

@@ -6,7 +6,8 @@ A run directory holds::
     version.json                dsgd version, git commit, torch version
     metrics.jsonl               one JSON object per evaluation (step, losses, accuracies, consensus)
     summary.json                the final metrics and the run's status
-    checkpoints/last.pt         the latest checkpoint (rank<r>.pt per process under torchrun)
+    checkpoints/last.pt         the latest checkpoint (rank<r>.pt per process under torchrun),
+                                and the one before it (last.prev.pt, rank<r>.prev.pt)
     tensorboard/                optional TensorBoard events
 
 Checkpoints are written atomically (temp file + rename) and hold everything a bit-identical
@@ -129,22 +130,47 @@ class Run:
     def __init__(self, out: Path, rank: int = 0, world: int = 1):
         self.out, self.rank = Path(out), rank
         self.ckpt = self.out / "checkpoints" / ("last.pt" if world == 1 else f"rank{rank}.pt")
+        self.prev = self.ckpt.with_suffix(".prev.pt")  # the checkpoint before, kept for resume
         self.metrics = self.out / "metrics.jsonl"
 
     @property
     def writer(self) -> bool:
         return self.rank == 0
 
-    def start(self, cfg: C.Config, resume: bool) -> dict | None:
-        """Prepare the directory; return the checkpoint to resume from (or None)."""
+    def save(self, state: dict) -> None:
+        """Write the checkpoint atomically, keeping the previous one as ``*.prev.pt``."""
+        tmp = self.ckpt.with_name(f".{self.ckpt.name}.tmp{os.getpid()}")
+        atomic_save(state, tmp)
+        if self.ckpt.is_file():
+            os.replace(self.ckpt, self.prev)
+        os.replace(tmp, self.ckpt)
+
+    def _load(self, path: Path) -> dict:
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+    def start(self, cfg: C.Config, resume: bool, comm=None) -> dict | None:
+        """Prepare the directory; return the checkpoint to resume from (or None).
+
+        Under torchrun every rank resumes from the same step: a crash between two ranks'
+        saves leaves some ranks one checkpoint ahead, and those take their previous one."""
         if resume:
-            if not self.ckpt.is_file():
+            latest = self.ckpt if self.ckpt.is_file() else self.prev
+            if not latest.is_file():
                 raise UserError(f"nothing to resume in {self.out}: no {self.ckpt.name} checkpoint")
             saved = json.loads((self.out / "config.json").read_text())
             if saved != C.to_dict(cfg):
                 raise UserError(f"the config differs from the one {self.out} was started with; "
                                 "resume with the same config and --set overrides")
-            return torch.load(self.ckpt, weights_only=True, map_location="cpu")
+            state = self._load(latest)
+            step = state["engine"]["step"]
+            common = comm.agree_min(step) if comm is not None else step
+            if common != step and self.prev.is_file() and latest != self.prev:
+                state = self._load(self.prev)
+            if state["engine"]["step"] != common:
+                raise UserError(f"the checkpoints in {self.out / 'checkpoints'} are from "
+                                f"different steps (this rank: {step}, another: {common}); "
+                                "restart the run")
+            return state
         if self.metrics.exists() and self.metrics.stat().st_size:
             raise UserError(f"{self.out} already holds a run; pass --resume to continue it or "
                             "choose another --out")
@@ -191,7 +217,7 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
     rank = 0 if comm is None else getattr(comm, "rank", 0)
     world = 1 if comm is None else getattr(comm, "world_size", 1)
     run = Run(Path(out), rank, world)
-    state = run.start(cfg, resume)
+    state = run.start(cfg, resume, comm)
     setup = build(cfg, comm)
     engine, loader, ds, t, log = setup.engine, setup.loader, setup.dataset, cfg.train, cfg.log
     hosted = list(engine.comm.workers)
@@ -205,8 +231,8 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
         rows = run.truncate_metrics(engine.step_count)
 
     def checkpoint() -> None:
-        atomic_save({"engine": engine.state_dict(), "loader": loader.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "running": acc}, run.ckpt)
+        run.save({"engine": engine.state_dict(), "loader": loader.state_dict(),
+                  "torch_rng": torch.get_rng_state(), "running": acc})
 
     tb = None
     if log.tensorboard and run.writer:
@@ -285,7 +311,7 @@ def ensure_run(cfg: C.Config, run_dir: str | Path) -> dict:
         s = json.loads(summary.read_text())
         if s.get("status") in ("finished", "diverged"):
             return s
-    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    resume = any((run_dir / "checkpoints").glob("*.pt"))
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # nothing resumable was written
     try:
