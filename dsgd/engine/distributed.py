@@ -143,10 +143,19 @@ def init_from_env(timeout_s: float = 60, backend: str | None = None) -> Distribu
                               dist.get_backend(), device)
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a run; safe to call when none exists)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(timeout_s: float = 60) -> None:
+    """Leave the process group (at the end of a run; safe to call when none exists).
+
+    Every rank first waits at a barrier (at most ``timeout_s``), so no rank tears its
+    connections down while a peer is still using them: a gloo rank that exits early can abort
+    its peers' threads at exit ("terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(async_op=True).wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError:
+        pass  # a peer is gone already: leave anyway
+    dist.destroy_process_group()
 
 
 def abort_process(code: int = 2) -> NoReturn:

@@ -66,7 +66,7 @@ def _train_distributed(cfg, out: Path, args) -> dict | None:
     except UserError as err:
         print(f"dsgd: error (rank {ctx.rank}): {err}", file=sys.stderr)
         D.abort_process(2)
-    D.shutdown()
+    D.shutdown(args.timeout)
     return summary if ctx.rank == 0 else None
 
 
