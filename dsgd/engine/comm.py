@@ -119,9 +119,4 @@ class LocalCommunicator:
         return value  # one process
 
 
-def global_average(comm: Communicator, x: Tensor) -> Tensor:
-    """The mean over all m workers, one row: (m_local, P) -> (P,)."""
-    return comm.mean(x)[0]
-
-
-__all__ = ["Communicator", "LocalCommunicator", "global_average"]
+__all__ = ["Communicator", "LocalCommunicator"]
