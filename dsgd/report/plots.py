@@ -11,6 +11,7 @@ is cheap and no global backend is changed; nothing here imports torch or an engi
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -111,6 +112,9 @@ def plot_metric(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    # log-axis tick labels use mathtext; without TeX fonts matplotlib logs a fallback notice
+    # per glyph family, which is noise in a training log
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     colors = dict(colors or group_colors(groups))
     curves = [(g, *group_curve(g, key, x)) for g in groups]
     curves = [c for c in curves if np.isfinite(c[2]).any()]
