@@ -2,12 +2,11 @@
 
 Implementations compared (all return a new (m, P) tensor, checked against the dense product):
 
-- ``dense``: ``P @ x`` (what ``LocalCommunicator`` does when ``4 * deg > m``);
-- ``gather``: ``LocalCommunicator(mode="sparse")``, a sum of ``deg`` row gathers ``x[index[s]]``
-  (what it does when ``4 * deg <= m``);
-- ``index_select``: the same plan with ``torch.index_select`` instead of advanced indexing;
+- ``dense``: ``LocalCommunicator(mode="dense")``, one ``P @ x``;
+- ``gather``: a sum of ``deg`` row gathers with advanced indexing ``x[index[s]]``;
+- ``index_select``: ``LocalCommunicator(mode="sparse")``, the same plan with ``index_select``;
 - ``roll``: circulant topologies only (ring, exponential): ``sum_o w_o * torch.roll(x, -o, 0)``;
-- ``shift``: circulant only, no temporaries: ``out = w_0 x``, then for each offset o two in-place
+- ``shift``: ``LocalCommunicator(mode="shift")``, circulant only: for each offset o two in-place
   ``add_(..., alpha=w_o)`` on row slices (``out[:m-o] += w_o x[o:]``, ``out[m-o:] += w_o x[:o]``).
 
 The column "auto" is what ``LocalCommunicator(mode="auto")`` picks; "best" the fastest measured.
@@ -15,6 +14,7 @@ Median of ``--repeats`` calls after one warmup call, in one process (ratios are 
 
     python benchmarks/gossip.py
     python benchmarks/gossip.py --sizes 100000 --workers 16 64 256 --repeats 9
+    python benchmarks/gossip.py --device cuda --workers 16 64 256
 """
 
 from __future__ import annotations
@@ -54,37 +54,32 @@ def mix_roll(x: torch.Tensor, offsets: list[tuple[int, float]]) -> torch.Tensor:
     return out
 
 
-def mix_shift(x: torch.Tensor, offsets: list[tuple[int, float]]) -> torch.Tensor:
-    """out[i] = sum_o w_o x[(i + o) % m], with in-place adds on row slices (no temporaries)."""
-    m = x.shape[0]
-    w0 = dict(offsets).get(0, 0.0)
-    out = torch.mul(x, w0)
-    for o, w in offsets:
-        if o == 0:
-            continue
-        out[: m - o].add_(x[o:], alpha=w)
-        out[m - o:].add_(x[:o], alpha=w)
-    return out
-
-
-def mix_index_select(x: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def mix_gather(x: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     index, weights = plan  # (deg, m) each
-    out = torch.index_select(x, 0, index[0]).mul_(weights[0][:, None])
+    out = x[index[0]] * weights[0][:, None]
     for s in range(1, index.shape[0]):
-        out.addcmul_(torch.index_select(x, 0, index[s]), weights[s][:, None])
+        out.addcmul_(x[index[s]], weights[s][:, None])
     return out
 
 
-def _times(fn, repeats: int, budget: float) -> tuple[float, float]:
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _times(fn, x: torch.Tensor, repeats: int, budget: float) -> tuple[float, float]:
     """(median, min) seconds of ``repeats`` calls after one warmup call; fewer calls (at least
     one) when they would take longer than ``budget`` seconds."""
+    _sync(x)
     t0 = time.perf_counter()
     fn()
+    _sync(x)
     warm = time.perf_counter() - t0
     times = []
     for _ in range(max(1, min(repeats, int(budget / warm)))):
         t0 = time.perf_counter()
         fn()
+        _sync(x)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
 
@@ -99,16 +94,19 @@ def candidates(x: torch.Tensor, name: str) -> tuple[dict, str, int]:
     auto = LocalCommunicator(topo, "auto")._plan(0, x)[0]
     sparse, dense = LocalCommunicator(topo, "sparse"), LocalCommunicator(topo, "dense")
     plan = sparse._plan(0, x)[2]
-    fns = {"dense": lambda: dense.mix(x, 0), "gather": lambda: sparse.mix(x, 0),
-           "index_select": lambda: mix_index_select(x, plan)}
+    fns = {"dense": lambda: dense.mix(x, 0), "gather": lambda: mix_gather(x, plan),
+           "index_select": lambda: sparse.mix(x, 0)}
     circ = circulant_offsets(P)
     if circ is not None:
+        shift = LocalCommunicator(topo, "shift")
         fns["roll"] = lambda: mix_roll(x, circ)
-        fns["shift"] = lambda: mix_shift(x, circ)
+        fns["shift"] = lambda: shift.mix(x, 0)
     return fns, auto, deg
 
 
-def _mem_available_gib() -> float:
+def _mem_available_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0] / 2**30
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -117,8 +115,10 @@ def _mem_available_gib() -> float:
 
 
 def run(sizes: list[int], workers: list[int], topologies: list[str], repeats: int,
-        budget: float) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32; ms per call, "
+        budget: float, device: str = "cpu") -> None:
+    where = (torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda")
+             else f"{torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}; float32; ms per call, "
           f"median and min of {repeats} calls (fewer over {budget:.0f} s); "
           "auto = LocalCommunicator's choice")
     cols = ("dense", "gather", "index_select", "roll", "shift")
@@ -130,11 +130,11 @@ def run(sizes: list[int], workers: list[int], topologies: list[str], repeats: in
     for size in sizes:
         for m in workers:
             gib = 4 * m * size / 2**30
-            if _mem_available_gib() < 5 * gib:
+            if _mem_available_gib(device) < 5 * gib:
                 print(f"| {size:>10} | {m:>3} | skipped: one copy is {gib:.1f} GiB, "
-                      f"{_mem_available_gib():.1f} GiB available (need 5 copies) |")
+                      f"{_mem_available_gib(device):.1f} GiB available (need 5 copies) |")
                 continue
-            x = torch.randn(m, size)
+            x = torch.randn(m, size, device=device)
             for name in topologies:
                 fns, auto_mode, deg = candidates(x, name)
                 if size * m <= 2**24:  # the code paths do not depend on P: check the small ones
@@ -143,8 +143,8 @@ def run(sizes: list[int], workers: list[int], topologies: list[str], repeats: in
                         err = (fn() - ref).abs().max().item()
                         assert err < 1e-4, (k, err)
                     ref = None
-                t = {k: _times(fn, repeats, budget) for k, fn in fns.items()}
-                auto_key = "gather" if auto_mode == "sparse" else "dense"
+                t = {k: _times(fn, x, repeats, budget) for k, fn in fns.items()}
+                auto_key = {"sparse": "index_select"}.get(auto_mode, auto_mode)
                 for which, i in (("median", 0), ("min", 1)):
                     ms = {k: 1e3 * v[i] for k, v in t.items()}
                     best = min(ms, key=ms.get)
@@ -166,10 +166,11 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=15.0,
                     help="seconds per implementation; fewer calls (>= 1) when slower")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(args.sizes, args.workers, args.topologies, args.repeats, args.budget)
+    run(args.sizes, args.workers, args.topologies, args.repeats, args.budget, args.device)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ class LocalCommunicator:
     - ``dense``: one (m, m) x (m, P) matrix product, which reads every row once;
     - ``sparse``: ``deg`` row gathers (``index_select``), O(deg * m * P) instead of O(m^2 P).
 
-    ``"auto"`` picks shift for circulant matrices, dense up to m = 256 and sparse beyond: the
-    choices ``benchmarks/gossip.py`` measured fastest on this CPU (docs/performance.md).
+    ``"auto"`` picks shift for circulant matrices with few neighbours (``4 * deg <= m``, deg
+    counting the worker itself), dense otherwise up to m = 256, and sparse beyond: the choices
+    ``benchmarks/gossip.py`` measured fastest (docs/performance.md).
     """
 
     MODES = ("auto", "dense", "sparse", "shift")
@@ -69,7 +70,9 @@ class LocalCommunicator:
         circulant = all(torch.equal(P[j], torch.roll(P[0], j)) for j in range(self.m))
         mode = self.mode
         if mode == "auto":
-            mode = "shift" if circulant else ("dense" if self.m <= 256 else "sparse")
+            deg = int((P[0] != 0).sum())
+            mode = ("shift" if circulant and 4 * deg <= self.m
+                    else "dense" if self.m <= 256 else "sparse")
         if mode == "shift" and not circulant:
             raise ValueError(f"shift gossip needs a circulant matrix; {self.topology.name} "
                              "is not one")
