@@ -11,23 +11,28 @@ this measures samples/s = m * 32 / (median step time) and peak memory of
   (c') the paper's loop with gossip over the neighbours only (what the authors' code does), a
       fairer loop baseline for large m.
 
-Every configuration runs in a fresh subprocess, so the peak memory is that process's own high-water
-mark: CPU ``VmHWM`` from /proc/self/status minus ``VmRSS`` after imports and model construction
-(the data batch, the engine state and the activations are counted); GPU
-``torch.cuda.max_memory_allocated``. Time is the median of ``--repeats`` timed steps after two
-warmup steps; a configuration whose first step takes longer than ``--step-limit`` seconds is
-skipped ("—"), and slow ones are timed with fewer repeats (column n).
+On CPU every configuration runs in a fresh subprocess, so the peak memory is that process's own
+high-water mark: ``VmHWM`` from /proc/self/status minus ``VmRSS`` after imports and model
+construction (the data batch, the engine state and the activations are counted). On GPU they run
+one after another in one process (``--in-process``, the default there: no CUDA start-up per
+configuration), memory freed in between, and the peak is ``torch.cuda.max_memory_allocated``
+above what was allocated before the configuration was built. Time is the median of
+``--repeats`` timed steps after two warmup steps; a configuration whose first step takes longer
+than ``--step-limit`` seconds is skipped ("—"), and slow ones are timed with fewer repeats
+(column n).
 
     python benchmarks/engine.py --quick
     python benchmarks/engine.py --models mlp lenet5 --workers 1 4 16 64 256 --repeats 7
     python benchmarks/engine.py --profile mlp:64:vmap
-    python benchmarks/engine.py --device cuda
+    python benchmarks/engine.py --device cuda --jsonl gpu.jsonl
+    python benchmarks/engine.py --from-jsonl gpu.jsonl       # the tables again, from saved results
     python benchmarks/engine.py --device cuda --paper-projection
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -135,6 +140,9 @@ def measure(cfg: dict) -> dict:
     cuda = cfg["device"].startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base_kib = _proc_kib("VmRSS")
+    if cuda:
+        sync()
+        base_bytes = torch.cuda.memory_allocated()
     out = {k: cfg[k] for k in ("model", "m", "method")}
     try:
         step = _build_runner(cfg["model"], cfg["m"], cfg["method"], cfg["device"],
@@ -165,12 +173,27 @@ def measure(cfg: dict) -> dict:
         return {**out, "skip": "out of memory"}
     except TimeoutError:
         return {**out, "skip": f"one step > {cfg['limit']:.0f} s"}
+    except Exception as e:  # e.g. a CUDA library refusing a shape: report it, go on
+        return {**out, "skip": f"failed: {str(e).splitlines()[0][:60]}"}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     med = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+    peak = ((torch.cuda.max_memory_allocated() - base_bytes) / 2**20 if cuda
             else (_proc_kib("VmHWM") - base_kib) / 1024)
     samples = cfg["m"] * cfg.get("batch", BATCH)
     return {**out, "step_s": med, "n": n, "peak_mib": peak, "samples_s": samples / med,
             "best_samples_s": samples / min(times)}
+
+
+def run_here(cfg: dict, timeout: float) -> dict:
+    """``measure(cfg)`` in this process, then free what it allocated (GPU runs)."""
+    import torch
+    r = measure(cfg)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return r
 
 
 def run_child(cfg: dict, timeout: float) -> dict:
@@ -186,6 +209,23 @@ def run_child(cfg: dict, timeout: float) -> dict:
         err = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {**base, "skip": f"failed: {err[:60]}"}
     return json.loads(lines[-1])
+
+
+def _save(path: str | None, row: dict) -> None:
+    """Append one result to the JSON-lines file (results survive an interrupted run)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _device_line(device: str) -> str:
+    import torch
+    if not device.startswith("cuda"):
+        return f"cpu, {torch.get_num_threads()} threads"
+    b = torch.backends
+    return (f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}, "
+            f"cudnn.benchmark={b.cudnn.benchmark}, TF32 matmul={b.cuda.matmul.allow_tf32} "
+            f"conv={b.cudnn.allow_tf32}")
 
 
 # ---- tables ------------------------------------------------------------------------------------
@@ -209,6 +249,7 @@ def _ratio(a: dict | None, b: dict | None, key: str = "samples_s") -> str:
 
 def print_table(results: dict, models: list[str], workers: dict[str, list[int]],
                 device: str) -> None:
+    workers = {mo: sorted(set(ms)) for mo, ms in workers.items()}
     mem = "peak MiB" if device == "cpu" else "max alloc MiB"
     print(f"\nsamples/s (median step) and {mem}; per-worker batch {BATCH}; ring; device {device}")
     print("a = Engine D-SGD (auto -> strategy), b = C-SGD one model at batch m*32, "
@@ -384,39 +425,49 @@ def paper_projection(args) -> None:
     and project to 6000 iterations and to the paper's 8 runs (C-SGD and D-SGD ring/grid/exp at
     total batch 1024 and 8192). Iteration time is measured on ``--projection-steps`` steps."""
     rows = []
-    for batch in (64, 512):
+    run = run_here if args.in_process else run_child
+    for batch in args.projection_batches:
         for label, method, topo in (("C-SGD", "csgd:auto", "complete"),
                                     ("C-SGD, loop", "csgd:loop", "complete"),
                                     ("D-SGD ring", "auto", "ring"),
-                                    ("D-SGD ring, loop", "loop", "ring")):
+                                    ("D-SGD ring, loop", "loop", "ring"),
+                                    ("one model, 16x batch", "csgd1", "complete")):
             cfg = {"model": "resnet18_micro", "m": 16, "method": method, "device": args.device,
                    "image": args.image, "batch": batch, "topology": topo,
-                   "limit": 600.0, "budget": 400.0, "repeats": args.projection_steps}
-            r = run_child(cfg, timeout=580)
+                   "limit": args.step_limit, "budget": args.budget,
+                   "repeats": args.projection_steps}
+            r = run(cfg, timeout=args.step_limit * 3 + args.budget * 2 + 120)
             rows.append((batch, label, r))
+            _save(args.jsonl, {**cfg, **r, "projection": True})
+            desc = r.get("skip") or f"{r['step_s']:.3f} s/step, {r['peak_mib'] / 1024:.1f} GiB"
+            print(f"  batch {batch} {label}: {desc}", flush=True)
     print(f"\nPaper projection: resnet18_micro, 10 classes, 3x{args.image}x{args.image}, "
-          "16 workers")
-    print(f"| {'batch/worker':>12} | {'run':<17} | {'s/100 it':>9} | {'h/6000 it':>9} | "
+          f"16 workers; {_device_line(args.device)}")
+    print(f"| {'batch/worker':>12} | {'run':<20} | {'s/100 it':>9} | {'h/6000 it':>9} | "
           f"{'max alloc GiB':>13} |")
-    print(f"|{'-' * 14}|{'-' * 19}|{'-' * 11}|{'-' * 11}|{'-' * 15}|")
+    print(f"|{'-' * 14}|{'-' * 22}|{'-' * 11}|{'-' * 11}|{'-' * 15}|")
     hours: dict[tuple[int, str], float] = {}
     for batch, label, r in rows:
         if "skip" in r:
-            print(f"| {batch:>12} | {label:<17} | {'—':>9} | {'—':>9} | {r['skip'][:13]:>13} |")
+            print(f"| {batch:>12} | {label:<20} | {'—':>9} | {'—':>9} | {r['skip'][:13]:>13} |")
             continue
         s100 = r["step_s"] * 100
         hours[(batch, label)] = s100 * 60 / 3600
-        print(f"| {batch:>12} | {label:<17} | {s100:9.1f} | {s100 * 60 / 3600:9.2f} | "
+        print(f"| {batch:>12} | {label:<20} | {s100:9.1f} | {s100 * 60 / 3600:9.2f} | "
               f"{r['peak_mib'] / 1024:13.1f} |")
     total = 0.0
-    for batch in (64, 512):
-        dsgd = hours.get((batch, "D-SGD ring"), hours.get((batch, "D-SGD ring, loop")))
-        csgd = hours.get((batch, "C-SGD"), hours.get((batch, "C-SGD, loop")))
+    for batch in args.projection_batches:
+        # each run takes the faster of its strategies (what auto should pick)
+        dsgd = min((hours[k] for k in ((batch, "D-SGD ring"), (batch, "D-SGD ring, loop"))
+                    if k in hours), default=None)
+        csgd = min((hours[k] for k in ((batch, "C-SGD"), (batch, "C-SGD, loop")) if k in hours),
+                   default=None)
         if dsgd is None or csgd is None:
             print(f"8-run table: incomplete (batch {batch} not measured)")
             return
         total += csgd + 3 * dsgd  # ring, grid and exponential gossip cost the same here
-    print(f"8-run table (C-SGD + D-SGD ring/grid/exp at 16x64 and 16x512, 6000 it each): "
+    small, large = args.projection_batches
+    print(f"8-run table (C-SGD + D-SGD ring/grid/exp at 16x{small} and 16x{large}, 6000 it each): "
           f"{total:.1f} GPU-hours in sequence (the authors report 8 to 50 hours per run)")
 
 
@@ -438,14 +489,22 @@ def main() -> None:
     ap.add_argument("--paper-projection", action="store_true")
     ap.add_argument("--image", type=int, default=56, help="image side for --paper-projection")
     ap.add_argument("--projection-steps", type=int, default=10)
+    ap.add_argument("--projection-batches", nargs=2, type=int, default=[64, 512],
+                    help="per-worker batches of the paper's small- and large-batch runs")
     ap.add_argument("--profile", metavar="MODEL:M:METHOD")
     ap.add_argument("--prototype", action="store_true",
                     help="measure the proposed engine changes (--models, --workers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator settings alone (the CLI tunes them)")
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the configurations in this process (default: on GPU only)")
+    ap.add_argument("--jsonl", help="append every result to this JSON-lines file as it comes")
+    ap.add_argument("--from-jsonl", help="print the tables from a file --jsonl wrote, run nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.in_process is None:
+        args.in_process = args.device.startswith("cuda")
 
     import torch
     if args.child:
@@ -459,6 +518,11 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_jsonl:
+        print_saved(args.from_jsonl)
+        return
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every method alike: autotuned in warmup steps
     if args.profile:
         profile(args.profile, args.device)
         return
@@ -472,32 +536,57 @@ def main() -> None:
         args.models, args.workers, args.repeats = QUICK["models"], QUICK["workers"], QUICK[
             "repeats"]
         args.mlp_extra = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+    print(f"torch {torch.__version__}, {_device_line(args.device)}, "
           f"median of {args.repeats} steps after 2 warmup steps")
     workers = {mo: args.workers + (args.mlp_extra if mo == "mlp" else []) for mo in args.models}
     results = {}
-    for model in args.models:
-        too_slow: set[str] = set()
-        for m in workers[model]:
+    run = run_here if args.in_process else run_child
+    # rounds over the models, m in the order given (put the m that matter first: a run cut short
+    # still has them); a configuration is skipped when a smaller m of its method was too slow
+    too_slow: dict[tuple[str, str], int] = {}
+    for i in range(max(len(ms) for ms in workers.values())):
+        for model in args.models:
+            if i >= len(workers[model]):
+                continue
+            m = workers[model][i]
             auto = _auto_strategy(model, args.device, m)
             for method in args.methods:
                 if method == "paper" and m == 1:
                     continue
-                if method in too_slow:  # a smaller m already exceeded the step limit
+                if too_slow.get((model, method), m + 1) < m:
                     results[(model, m, method)] = {"skip": "smaller m over the limit"}
                     continue
                 cfg = {"model": model, "m": m, "method": method, "device": args.device,
                        "limit": args.step_limit, "budget": args.budget,
                        "repeats": args.repeats, "threads": args.threads,
                        "keep_freed_memory": not args.default_malloc}
-                r = run_child(cfg, timeout=args.step_limit * 3 + args.budget * 2 + 120)
+                r = run(cfg, timeout=args.step_limit * 3 + args.budget * 2 + 120)
                 results[(model, m, method)] = r
-                if r.get("skip", "").startswith("one step"):
-                    too_slow.add(method)
+                _save(args.jsonl, {**r, "device": args.device})
+                if r.get("skip", "").startswith(("one step", "out of memory")):
+                    too_slow[(model, method)] = min(m, too_slow.get((model, method), m))
                 desc = r.get("skip") or f"{r['samples_s']:.0f} samples/s, {r['peak_mib']:.0f} MiB"
                 print(f"  {model} m={m} {method}{' (auto)' if method == auto else ''}: {desc}",
                       flush=True)
     print_table(results, args.models, workers, args.device)
+
+
+def print_saved(path: str) -> None:
+    """The tables of a run that ``--jsonl`` saved (also a run cut short)."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    table = [r for r in rows if not r.get("projection")]
+    if table:
+        device = table[0].get("device", "cpu")
+        results = {(r["model"], r["m"], r["method"]): r for r in table}
+        models = list(dict.fromkeys(r["model"] for r in table))
+        workers = {mo: [r["m"] for r in table if r["model"] == mo] for mo in models}
+        print_table(results, models, workers, device)
+    for r in rows:
+        if r.get("projection"):
+            desc = r.get("skip") or (f"{r['step_s'] * 100:.1f} s/100 it, "
+                                     f"{r['step_s'] * 6000 / 3600:.2f} h/6000 it, "
+                                     f"{r['peak_mib'] / 1024:.1f} GiB")
+            print(f"projection: batch {r['batch']} {r['method']} {r['topology']}: {desc}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""The engine, gossip, instruments and command line on a CUDA GPU give what they give on the CPU.
+
+Skipped where no GPU is present (the default test machine). TF32 is switched off so the GPU
+computes in true float32 and the comparison tolerances can stay tight.
+"""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dsgd.engine import Engine, LocalCommunicator
+from dsgd.experiments.cli import main
+from dsgd.models import build_model
+from dsgd.optim import SGD
+from dsgd.topology import make_topology
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TINY = ["data.name=synthetic", "data.n_train=512", "data.n_test=128", "model.name=mlp",
+        "model.options={hidden=[16]}", "train.workers=4", "train.batch_size=8",
+        "train.steps=20", "train.lr=0.1", "log.eval_every=10", "log.checkpoint_every=5",
+        "log.progress=false", "log.eval_batch_size=64"]
+
+
+@pytest.fixture(autouse=True)
+def true_float32():
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def _run(model: nn.Module, device: str, topology: str, m: int, steps: int, shape, **kw):
+    torch.manual_seed(1)
+    batches = [(torch.randn(m, 8, *shape), torch.randint(0, 10, (m, 8))) for _ in range(steps)]
+    eng = Engine(model.to(device), make_topology(topology, m), lr=0.05, **kw)
+    for x, y in batches:
+        eng.step(x, y)
+    return eng
+
+
+@pytest.mark.parametrize("name,shape,strategy,algorithm,topology,optimizer", [
+    ("mlp", (1, 28, 28), "vmap", "dsgd", "ring", SGD()),
+    ("mlp", (1, 28, 28), "loop", "csgd", "complete", SGD(momentum=0.9)),
+    ("lenet5", (1, 28, 28), "vmap", "dsgd", "exponential", SGD(momentum=0.9, nesterov=True)),
+    ("lenet5", (1, 28, 28), "loop", "dsgd", "grid", SGD(weight_decay=1e-3)),
+    ("resnet8", (3, 16, 16), "vmap", "dsgd", "ring", SGD(momentum=0.9)),
+    ("resnet8", (3, 16, 16), "loop", "csgd", "complete", SGD()),
+])
+def test_engine_on_cuda_matches_the_cpu(name, shape, strategy, algorithm, topology, optimizer):
+    torch.manual_seed(0)
+    model = build_model(name, 10, shape)
+    kw = dict(strategy=strategy, algorithm=algorithm, optimizer=optimizer)
+    cpu = _run(model, "cpu", topology, 8 if topology == "grid" else 4, 5, shape, **kw)
+    gpu = _run(model, "cuda", topology, 8 if topology == "grid" else 4, 5, shape, **kw)
+    assert gpu.w.is_cuda and gpu.strategy == strategy
+    torch.testing.assert_close(gpu.w.cpu(), cpu.w, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(gpu.b.cpu(), cpu.b, atol=2e-5, rtol=1e-4)  # BatchNorm statistics
+
+
+@pytest.mark.parametrize("topology", ["ring", "exponential", "grid", "one_peer_exponential"])
+def test_gossip_modes_on_cuda_equal_the_matrix_product(topology):
+    topo = make_topology(topology, 16)
+    x = torch.randn(16, 1000, dtype=torch.float64, device="cuda")
+    circulant = LocalCommunicator(topo)._plan(0, x)[0] == "shift" or topology == "exponential"
+    for mode in ("auto", "dense", "sparse") + (("shift",) if circulant else ()):
+        comm = LocalCommunicator(topo, mode)
+        for t in range(3):
+            P = topo.matrix(t).to(x)
+            torch.testing.assert_close(comm.mix(x, t), P @ x, atol=1e-12, rtol=0)
+
+
+def _sets(*overrides):
+    return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
+
+
+def test_training_run_on_cuda_matches_the_cpu_run_and_logs_instruments(tmp_path):
+    instruments = 'log.instruments=["hessian", "equivalence", "uncertainty"]'
+    runs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        assert main(["train", *_sets(f"device={device}", instruments,
+                                     "log.instrument_samples=64"), "--out", str(out)]) == 0
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        w = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+        runs[device] = row, w
+    (row_c, w_c), (row_g, w_g) = runs["cpu"], runs["cuda"]
+    assert w_g.device.type == "cuda"  # saved as it lives; loads anywhere with map_location
+    torch.testing.assert_close(w_g.cpu(), w_c, atol=1e-4, rtol=1e-4)
+    for key in ("hessian_trace", "top_eigenvalue", "xi_trace", "residual_sgd", "averaged_ece"):
+        assert math.isfinite(row_g[key]), (key, row_g)
+    assert row_g["xi_trace"] == pytest.approx(row_c["xi_trace"], rel=1e-3)
+    assert row_g["test_acc"] == pytest.approx(row_c["test_acc"], abs=1 / 128 + 1e-9)
+
+
+def test_torchrun_nccl_run_matches_the_simulated_run(tmp_path):
+    """One process per GPU under torchrun with the nccl backend (here: the one GPU there is,
+    hosting all 4 workers) against the simulated run."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    sim, dist = tmp_path / "sim", tmp_path / "dist"
+    args = ["train", *_sets("device=cuda", "train.topology=exponential"), "--out"]
+    assert main([*args, str(sim)]) == 0
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=1", "-m", "dsgd", *args,
+                           str(dist), "--engine", "distributed", "--timeout", "60"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    w = torch.load(sim / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+    w_d = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
+    assert w_d.device.type == "cuda"  # nccl: the rank's tensors live on its GPU (gloo: CPU)
+    torch.testing.assert_close(w_d.cpu(), w.cpu(), atol=1e-5, rtol=0)
