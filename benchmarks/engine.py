@@ -166,11 +166,13 @@ def measure(cfg: dict) -> dict:
         sync()
         signal.setitimer(signal.ITIMER_REAL, 0)
         first = time.perf_counter() - t0
-        step()  # second warmup: caches, allocator
+        t0 = time.perf_counter()
+        step()  # second warmup: caches, allocator (the first may include autotuning)
         sync()
+        second = time.perf_counter() - t0
         n = cfg["repeats"]
-        if first * n > cfg["budget"]:
-            n = max(3, int(cfg["budget"] / first))
+        if second * n > cfg["budget"]:
+            n = max(3, int(cfg["budget"] / second))
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
