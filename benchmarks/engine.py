@@ -191,7 +191,8 @@ def measure(cfg: dict) -> dict:
     peak = ((torch.cuda.max_memory_allocated() - base_bytes) / 2**20 if cuda
             else (_proc_kib("VmHWM") - base_kib) / 1024)
     samples = cfg["m"] * cfg.get("batch", BATCH)
-    return {**out, "step_s": med, "n": n, "peak_mib": peak, "samples_s": samples / med,
+    return {**out, "step_s": med, "first_s": first, "n": n, "peak_mib": peak,
+            "samples_s": samples / med,
             "best_samples_s": samples / min(times)}
 
 
