@@ -80,6 +80,18 @@ def test_gossip_modes_on_cuda_equal_the_matrix_product(topology):
             torch.testing.assert_close(comm.mix(x, t), P @ x, atol=1e-12, rtol=0)
 
 
+def test_auto_gossip_on_cuda_is_dense_but_never_in_tf32():
+    topo = make_topology("exponential", 16)
+    x = torch.randn(16, 100_000, device="cuda")
+    exact = topo.matrix(0).to(x.device, torch.float64) @ x.double()
+    comm = LocalCommunicator(topo)
+    assert comm._plan(0, x)[0] == "dense"  # TF32 off (fixture): one GEMM, exact float32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as torch.set_float32_matmul_precision("high")
+    assert comm._plan(0, x)[0] == "shift"  # the flag is part of the plan's cache key
+    assert (comm.mix(x, 0).double() - exact).abs().max() < 1e-5
+    assert LocalCommunicator(make_topology("grid", 16))._plan(0, x)[0] == "sparse"
+
+
 def _sets(*overrides):
     return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
 

@@ -44,9 +44,13 @@ class LocalCommunicator:
     - ``dense``: one (m, m) x (m, P) matrix product, which reads every row once;
     - ``sparse``: ``deg`` row gathers (``index_select``), O(deg * m * P) instead of O(m^2 P).
 
-    ``"auto"`` picks shift for circulant matrices with few neighbours (``4 * deg <= m``, deg
-    counting the worker itself), dense otherwise up to m = 256, and sparse beyond: the choices
-    ``benchmarks/gossip.py`` measured fastest (docs/performance.md).
+    ``"auto"`` picks what ``benchmarks/gossip.py`` measured fastest (docs/performance.md). On
+    CPU: shift for circulant matrices with few neighbours (``4 * deg <= m``, deg counting the
+    worker itself), dense otherwise up to m = 256, sparse beyond. On GPU: dense up to m = 256
+    (one GEMM beats every elementwise path there), beyond it shift or sparse. Dense is never
+    picked on a GPU while TF32 matrix products are allowed
+    (``torch.backends.cuda.matmul.allow_tf32``): their 10-bit mantissa would round the weights
+    at every gossip step and the workers' mean would drift.
     """
 
     MODES = ("auto", "dense", "sparse", "shift")
@@ -63,16 +67,21 @@ class LocalCommunicator:
 
     def _plan(self, step: int, like: Tensor):
         """(mode, matrix, plan, sends) for this step, cached while the matrix cannot change."""
-        key = (0 if not self.topology.time_varying else step, like.dtype, like.device)
+        tf32 = like.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        key = (0 if not self.topology.time_varying else step, like.dtype, like.device, tf32)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1:]
         P = self.topology.matrix(step)
         circulant = all(torch.equal(P[j], torch.roll(P[0], j)) for j in range(self.m))
         mode = self.mode
         if mode == "auto":
-            deg = int((P[0] != 0).sum())
-            mode = ("shift" if circulant and 4 * deg <= self.m
-                    else "dense" if self.m <= 256 else "sparse")
+            few = 4 * int((P[0] != 0).sum()) <= self.m
+            if like.is_cuda:
+                mode = ("dense" if self.m <= 256 and not tf32
+                        else "shift" if circulant else "sparse")
+            else:
+                mode = ("shift" if circulant and few
+                        else "dense" if self.m <= 256 else "sparse")
         if mode == "shift" and not circulant:
             raise ValueError(f"shift gossip needs a circulant matrix; {self.topology.name} "
                              "is not one")
