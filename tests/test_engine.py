@@ -247,3 +247,26 @@ def test_shift_gossip_of_circulant_matrices_equals_the_product(name):
 def test_shift_gossip_refuses_a_non_circulant_matrix():
     with pytest.raises(ValueError, match="circulant"):
         LocalCommunicator(make_topology("grid", 16), mode="shift").mix(torch.zeros(16, 3), 0)
+
+
+def test_auto_falls_back_to_the_loop_when_vmap_runs_out_of_memory():
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    data = batches((5,), 3)
+    loop = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="loop")
+    auto = Engine(mlp(), make_topology("ring", M), lr=0.1)
+    assert auto.strategy == "vmap"
+    auto._vmapped = out_of_memory
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        auto.step(*data[0])
+    assert auto.strategy == "loop"
+    for x, y in data[1:]:
+        auto.step(x, y)
+    for x, y in data:
+        loop.step(x, y)
+    torch.testing.assert_close(auto.w, loop.w, atol=0, rtol=0)
+    explicit = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="vmap")
+    explicit._vmapped = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):  # asked for vmap: no silent change
+        explicit.step(*data[0])

@@ -23,11 +23,14 @@ Gradient strategies: ``"vmap"`` computes all workers' gradients in one
 ``"auto"`` picks vmap for models without convolutions on CPU and for every model on GPU, loop
 otherwise (on CPU a conv net is compute-bound, and a loop keeps its working set small) and for
 a single hosted worker (one worker per process under torchrun), where vmap only adds overhead.
+vmap holds every worker's activations at once; if that runs out of GPU memory under ``"auto"``,
+the engine says so once and continues with the loop (the step is recomputed, nothing is lost).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +137,7 @@ class Engine:
 
         self.strategy = auto_strategy(model, m_local, self.w.device) if strategy == "auto" \
             else strategy
+        self._may_fall_back = strategy == "auto"
         self._vmapped = vmap(grad(self._worker_loss, has_aux=True))
 
     # ---- state -------------------------------------------------------------------------------
@@ -226,10 +230,25 @@ class Engine:
             # BatchNorm's in-place update of its running statistics does not reach strided
             # views under vmap: hand it contiguous copies and write them back.
             own = {n: v.clone() for n, v in bufs.items()}
-            g, (loss, acc) = self._vmapped(self.layout.views(w), own, x, y)
+            try:
+                g, (loss, acc) = self._vmapped(self.layout.views(w), own, x, y)
+            except torch.OutOfMemoryError:
+                if not self._may_fall_back:
+                    raise
+                own = None  # the buffers are untouched: recompute this step with the loop
+                self.strategy = "loop"
+                if w.is_cuda:
+                    torch.cuda.empty_cache()
+                warnings.warn(f"vmap over {w.shape[0]} workers ran out of memory; computing "
+                              "the gradients worker by worker (strategy 'loop') from now on",
+                              stacklevel=2)
+                return self._loop_gradients(w, x, y, bufs)
             for n, v in bufs.items():
                 v.copy_(own[n])
             return self.layout.flatten(g, batch_dims=1), loss, acc
+        return self._loop_gradients(w, x, y, bufs)
+
+    def _loop_gradients(self, w: Tensor, x: Tensor, y: Tensor, bufs: Params):
         grads = torch.empty_like(w)
         losses, accs = [], []
         views = self.layout.views(w)
