@@ -109,10 +109,10 @@ class LocalCommunicator:
             return P @ x
         if mode == "shift":
             m = x.shape[0]
-            out = torch.zeros_like(x)
+            own = dict(plan).get(0)  # the worker's own weight: start from it, not from zeros
+            out = torch.mul(x, own) if own is not None else torch.zeros_like(x)
             for o, w in plan:
                 if o == 0:
-                    out.add_(x, alpha=w)
                     continue
                 out[: m - o].add_(x[o:], alpha=w)  # rows j < m - o read x[j + o]
                 out[m - o:].add_(x[:o], alpha=w)  # the rest wrap around
