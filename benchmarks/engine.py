@@ -9,7 +9,9 @@ this measures samples/s = m * 32 / (median step time) and peak memory of
   (c) ``ReferenceEngine``: m nn.Module copies, one torch.optim.SGD each, gossip by state-dict
       copies (its gossip sums over all m workers, O(m^2) tensor ops);
   (c') the paper's loop with gossip over the neighbours only (what the authors' code does), a
-      fairer loop baseline for large m.
+      fairer loop baseline for large m;
+  and, with ``--methods ... compile``, (a) with ``Engine(strategy="vmap", compile=True)`` (its
+      first step compiles: give it a ``--step-limit`` of a minute or more).
 
 On CPU every configuration runs in a fresh subprocess, so the peak memory is that process's own
 high-water mark: ``VmHWM`` from /proc/self/status minus ``VmRSS`` after imports and model
@@ -44,7 +46,8 @@ import time
 BATCH = 32
 SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet8": (3, 32, 32),
           "resnet20": (3, 32, 32), "resnet18_micro": (3, 32, 32)}
-METHODS = ("vmap", "loop", "csgd1", "ref", "paper")
+METHODS = ("vmap", "loop", "csgd1", "ref", "paper", "compile")
+DEFAULT_METHODS = METHODS[:5]  # "compile" (vmap + torch.compile) on request: it compiles first
 QUICK = {"models": ["mlp", "lenet5", "resnet8"], "workers": [1, 16, 64], "repeats": 5}
 
 
@@ -127,11 +130,13 @@ def _build_runner(model_name: str, m: int, method: str, device: str, image: int 
         return lambda: eng.step(x, y)
     algorithm = "csgd" if method.startswith("csgd") else "dsgd"
     strategy = method.split(":")[1] if ":" in method else method
+    compiled = strategy == "compile"
+    strategy = "vmap" if compiled else strategy
     if algorithm == "csgd":
         topo = make_topology("complete", m)
     else:
         topo = make_topology(topology, m)
-    eng = Engine(model, topo, lr=0.01, strategy=strategy, algorithm=algorithm)
+    eng = Engine(model, topo, lr=0.01, strategy=strategy, algorithm=algorithm, compile=compiled)
     return lambda: eng.step(x, y)
 
 
@@ -266,8 +271,9 @@ def print_table(results: dict, models: list[str], workers: dict[str, list[int]],
     print("a = Engine D-SGD (auto -> strategy), b = C-SGD one model at batch m*32, "
           "c = ReferenceEngine, c' = paper loop (neighbours only)")
     head = (f"| {'model':<14} | {'m':>4} | {'auto':>4} | {'a vmap':>9} | {'a loop':>9} | "
-            f"{'b C-SGD':>9} | {'c ref':>9} | {'c paper':>9} | {'a/b':>5} | {'a/c':>5} | "
-            f"{'a/c_':>5} | {'mem a':>7} | {'mem b':>7} | {'mem c':>7} | {'n':>3} |")
+            f"{'a comp':>9} | {'b C-SGD':>9} | {'c ref':>9} | {'c paper':>9} | {'a/b':>5} | "
+            f"{'comp/b':>6} | {'a/c':>5} | {'a/c_':>5} | {'mem a':>7} | {'mem b':>7} | "
+            f"{'mem c':>7} | {'n':>3} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     skips = []
@@ -278,9 +284,11 @@ def print_table(results: dict, models: list[str], workers: dict[str, list[int]],
             a = r[auto]
             print(f"| {model:<14} | {m:>4} | {auto:>4} | {_fmt(r['vmap'], 'samples_s', '9.0f')} | "
                   f"{_fmt(r['loop'], 'samples_s', '9.0f')} | "
+                  f"{_fmt(r['compile'], 'samples_s', '9.0f')} | "
                   f"{_fmt(r['csgd1'], 'samples_s', '9.0f')} | "
                   f"{_fmt(r['ref'], 'samples_s', '9.0f')} | "
                   f"{_fmt(r['paper'], 'samples_s', '9.0f')} | {_ratio(a, r['csgd1']):>5} | "
+                  f"{_ratio(r['compile'], r['csgd1']):>6} | "
                   f"{_ratio(a, r['ref']):>5} | {_ratio(a, r['paper']):>5} | "
                   f"{_fmt(a, 'peak_mib', '7.0f')} | {_fmt(r['csgd1'], 'peak_mib', '7.0f')} | "
                   f"{_fmt(r['ref'], 'peak_mib', '7.0f')} | {_fmt(a, 'n', '3d')} |")
@@ -510,7 +518,7 @@ def main() -> None:
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 4, 16, 64, 256])
     ap.add_argument("--mlp-extra", nargs="*", type=int, default=[1024],
                     help="extra worker counts for the MLP only")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help=f"subset: {QUICK}")
     ap.add_argument("--device", default="cpu")

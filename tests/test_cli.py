@@ -238,3 +238,12 @@ def test_resume_takes_the_step_every_rank_holds(tmp_path):
     assert Run(out).start(cfg, resume=True, comm=Behind(5))["engine"]["step"] == 5
     with pytest.raises(UserError, match="different steps"):
         Run(out).start(cfg, resume=True, comm=Behind(0))
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import dsgd.experiments.runner as runner
+    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
+    code = main(["train", *sets("train.compile=true"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.compile on CPU needs a C++ compiler" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

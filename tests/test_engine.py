@@ -1,5 +1,8 @@
 """The engine against the loop-over-modules reference, and the algebra of gossip."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -270,3 +273,18 @@ def test_auto_falls_back_to_the_loop_when_vmap_runs_out_of_memory():
     explicit._vmapped = out_of_memory
     with pytest.raises(torch.OutOfMemoryError):  # asked for vmap: no silent change
         explicit.step(*data[0])
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_vmap_gradients_equal_the_eager_ones():
+    """torch.compile over vmap(grad): same weights and BatchNorm statistics as eager."""
+    topo = make_topology("ring", 4)
+    kw = dict(lr=0.1, strategy="vmap", optimizer=SGD(momentum=0.9))
+    eager, compiled = Engine(convnet(), topo, **kw), Engine(convnet(), topo, compile=True, **kw)
+    for x, y in batches((2, 5, 5), 3, m=4):
+        eager.step(x, y)
+        compiled.step(x, y)
+    torch.testing.assert_close(compiled.w, eager.w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.b, eager.b, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(eager.b, Engine(convnet(), topo, **kw).b)  # statistics did move

@@ -23,6 +23,10 @@ Gradient strategies: ``"vmap"`` computes all workers' gradients in one
 ``"auto"`` picks vmap for models without convolutions on CPU and for every model on GPU, loop
 otherwise (on CPU a conv net is compute-bound, and a loop keeps its working set small) and for
 a single hosted worker (one worker per process under torchrun), where vmap only adds overhead.
+``compile=True`` runs the vmap gradient through ``torch.compile`` (TorchInductor; on CPU it
+needs a C++ compiler): the first step compiles (tens of seconds), later steps lose most of the
+per-op dispatch cost that dominates small models (MLP, 16 workers, CPU: 1.4x per step,
+docs/performance.md).
 vmap holds every worker's activations at once; if that runs out of GPU memory under ``"auto"``,
 the engine says so once and continues with the loop (the step is recomputed, nothing is lost).
 """
@@ -82,6 +86,7 @@ class Engine:
     loss: ``loss(outputs, targets)``, a mean over the batch.
     gradient_rule: optional SAM-family rule (``dsgd.optim.SAM``, ``AvgSAM``).
     seed: seeds the generator the gradient rule draws from (checkpointed).
+    compile: compile the vmap gradient with ``torch.compile`` (see the module docstring).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class Engine:
         loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
         gradient_rule: Any = None,
         seed: int = 0,
+        compile: bool = False,
     ):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -139,6 +145,8 @@ class Engine:
             else strategy
         self._may_fall_back = strategy == "auto"
         self._vmapped = vmap(grad(self._worker_loss, has_aux=True))
+        self._flat_vmap_grads = (torch.compile(self._vmap_gradients, dynamic=False) if compile
+                                 else self._vmap_gradients)
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -231,7 +239,7 @@ class Engine:
             # views under vmap: hand it contiguous copies and write them back.
             own = {n: v.clone() for n, v in bufs.items()}
             try:
-                g, (loss, acc) = self._vmapped(self.layout.views(w), own, x, y)
+                grads, loss, acc = self._flat_vmap_grads(w, own, x, y)
             except torch.OutOfMemoryError:
                 if not self._may_fall_back:
                     raise
@@ -245,8 +253,12 @@ class Engine:
                 return self._loop_gradients(w, x, y, bufs)
             for n, v in bufs.items():
                 v.copy_(own[n])
-            return self.layout.flatten(g, batch_dims=1), loss, acc
+            return grads, loss, acc
         return self._loop_gradients(w, x, y, bufs)
+
+    def _vmap_gradients(self, w: Tensor, bufs: Params, x: Tensor, y: Tensor):
+        g, (loss, acc) = self._vmapped(self.layout.views(w), bufs, x, y)
+        return self.layout.flatten(g, batch_dims=1), loss, acc
 
     def _loop_gradients(self, w: Tensor, x: Tensor, y: Tensor, bufs: Params):
         grads = torch.empty_like(w)

@@ -62,6 +62,7 @@ class TrainConfig:
     gossip_every: int = 1  # > 1: local SGD, gossip every tau steps
     buffers: str = "gossip"  # BatchNorm statistics: gossip (mixed like weights) | local
     strategy: str = "auto"  # how the workers' gradients are computed: auto | vmap | loop
+    compile: bool = False  # torch.compile the vmap gradient (slow first step; CPU needs g++)
     gradient: str = "sgd"  # sgd | sam | asam | avg_sam (average-direction SAM, isotropic)
     rho: float = 0.05  # SAM/ASAM radius
     sigma: float = 0.01  # avg_sam: eps ~ N(0, sigma^2 I)

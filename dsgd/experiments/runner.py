@@ -91,6 +91,10 @@ def build(cfg: C.Config, comm=None) -> Setup:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device is cuda but no CUDA GPU is available; set device = \"cpu\"")
+    if t.compile and device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "g++"))
+                                                   or shutil.which("clang++")):
+        raise UserError("train.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); "
+                        "install one or set train.compile = false")
     ds = load_dataset(d.name, d.dir, n_train=d.n_train, n_test=d.n_test, image_size=d.image_size)
     if d.partition == "iid":
         parts = iid(len(ds.y_train), t.workers, seed=t.seed)
@@ -105,6 +109,7 @@ def build(cfg: C.Config, comm=None) -> Setup:
     engine = Engine(model, topo, comm=comm, algorithm=t.algorithm, lr=_schedule(t),
                     optimizer=SGD(t.momentum, t.nesterov, t.weight_decay),
                     gossip_every=t.gossip_every, buffers=t.buffers, strategy=t.strategy,
+                    compile=t.compile,
                     gradient_rule=_gradient_rule(t), seed=t.seed)
     return Setup(cfg, ds, loader, engine)
 
