@@ -288,3 +288,17 @@ def test_compiled_vmap_gradients_equal_the_eager_ones():
     torch.testing.assert_close(compiled.w, eager.w, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled.b, eager.b, atol=1e-5, rtol=1e-5)
     assert not torch.equal(eager.b, Engine(convnet(), topo, **kw).b)  # statistics did move
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.parametrize("name,mode", [("ring", "auto"), ("grid", "auto"), ("grid", "sparse")])
+def test_compiled_mix_add_equals_mix_then_add(name, mode):
+    topo = make_topology(name, 16)
+    fused, plain = LocalCommunicator(topo, mode, compile=True), LocalCommunicator(topo, mode)
+    x, d = torch.randn(16, 300), torch.randn(16, 300)
+    for alpha in (-0.1, -0.05):  # a new lr reuses the compiled code
+        torch.testing.assert_close(fused.mix_add(x, d, alpha, 0), plain.mix(x, 0) + alpha * d,
+                                   atol=1e-6, rtol=1e-6)
+    assert fused.bytes_sent == plain.bytes_sent > 0  # the same accounting
+    assert LocalCommunicator(make_topology("one_peer_exponential", 16), compile=True)._fused is None

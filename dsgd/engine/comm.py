@@ -5,6 +5,8 @@ state, a tensor of shape ``(m_local, P)``:
 
 - ``mix(x, step)``: gossip; row j becomes ``sum_k P(step)[j, k] x_k`` over *all* m workers.
 - ``mean(x)``: every row becomes the mean over all m workers (the all-reduce of C-SGD).
+- ``mix_add(x, d, alpha, step)``: ``mix(x, step) + alpha * d``, the D-SGD update in one call, so
+  a communicator can fuse it into one pass over memory.
 
 ``LocalCommunicator`` hosts every worker in one process, so both are a matrix product. The
 distributed communicator (``dsgd.engine.distributed``) implements the same two calls with
@@ -32,6 +34,9 @@ class Communicator(Protocol):
     def mean(self, x: Tensor) -> Tensor:  # (m_local, P) -> (m_local, P), rows equal
         ...
 
+    def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
+        ...
+
     def agree_min(self, value: int) -> int:  # the smallest value over all processes
         ...
 
@@ -44,6 +49,9 @@ class LocalCommunicator:
     - ``dense``: one (m, m) x (m, P) matrix product, which reads every row once;
     - ``sparse``: ``deg`` row gathers (``index_select``), O(deg * m * P) instead of O(m^2 P).
 
+    ``compile=True`` fuses ``mix_add`` with ``torch.compile`` for topologies whose matrix does not
+    change (one pass that reads each neighbour row and d once and writes the result once).
+
     ``"auto"`` picks what ``benchmarks/gossip.py`` measured fastest (docs/performance.md). On
     CPU: shift for circulant matrices with few neighbours (``4 * deg <= m``, deg counting the
     worker itself), dense otherwise up to m = 256, sparse beyond. On GPU: dense up to m = 256
@@ -55,7 +63,7 @@ class LocalCommunicator:
 
     MODES = ("auto", "dense", "sparse", "shift")
 
-    def __init__(self, topology: Topology, mode: str = "auto"):
+    def __init__(self, topology: Topology, mode: str = "auto", compile: bool = False):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.topology = topology
@@ -64,6 +72,8 @@ class LocalCommunicator:
         self.bytes_sent = 0
         self.mode = mode
         self._cache: tuple | None = None
+        self._fused = (torch.compile(self._mix_add_expr, dynamic=False)
+                       if compile and not topology.time_varying else None)
 
     def _plan(self, step: int, like: Tensor):
         """(mode, matrix, plan, sends) for this step, cached while the matrix cannot change."""
@@ -121,6 +131,29 @@ class LocalCommunicator:
         out = torch.index_select(x, 0, index[0]).mul_(weights[0][:, None])
         for s in range(1, index.shape[0]):
             out.addcmul_(torch.index_select(x, 0, index[s]), weights[s][:, None])
+        return out
+
+    def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
+        if self._fused is None:
+            return self.mix(x, step).add_(d, alpha=alpha)
+        mode, P, plan, sends = self._plan(step, x)
+        self.bytes_sent += sends * x.shape[1] * x.element_size()
+        a = torch.tensor(alpha, dtype=x.dtype, device=x.device)  # a tensor: no recompile per lr
+        return self._fused(x, d, a, mode, P, plan)
+
+    @staticmethod
+    def _mix_add_expr(x: Tensor, d: Tensor, alpha: Tensor, mode: str, P: Tensor, plan) -> Tensor:
+        """P @ x + alpha * d written as one expression, for the compiler to fuse."""
+        if mode == "dense":
+            return P @ x + alpha * d
+        out = alpha * d
+        if mode == "shift":
+            for o, w in plan:
+                out = out + w * (torch.roll(x, -o, 0) if o else x)
+            return out
+        index, weights = plan
+        for s in range(index.shape[0]):
+            out = out + torch.index_select(x, 0, index[s]) * weights[s][:, None]
         return out
 
     def mean(self, x: Tensor) -> Tensor:

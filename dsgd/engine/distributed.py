@@ -335,6 +335,9 @@ class TorchDistributedCommunicator:
         self._wait([work], [None], "all-reduce", started)
         return int(t.item())
 
+    def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
+        return self.mix(x, step).add_(d, alpha=alpha)
+
     def mean(self, x: Tensor) -> Tensor:  # (b, P) -> (b, P), every row the mean of all m
         total = x.sum(0)  # (P,)
         started = time.monotonic()

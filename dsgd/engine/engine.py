@@ -86,7 +86,8 @@ class Engine:
     loss: ``loss(outputs, targets)``, a mean over the batch.
     gradient_rule: optional SAM-family rule (``dsgd.optim.SAM``, ``AvgSAM``).
     seed: seeds the generator the gradient rule draws from (checkpointed).
-    compile: compile the vmap gradient with ``torch.compile`` (see the module docstring).
+    compile: compile the vmap gradient with ``torch.compile`` and fuse gossip and update (see
+        the module docstring).
     """
 
     def __init__(
@@ -117,7 +118,7 @@ class Engine:
         if comm is None:
             if topology is None:
                 raise ValueError("give a topology (or a communicator)")
-            comm = LocalCommunicator(topology)
+            comm = LocalCommunicator(topology, compile=compile)
         self.model = model
         self.comm = comm
         self.optimizer = optimizer if optimizer is not None else SGD()
@@ -291,8 +292,9 @@ class Engine:
             grads = self.comm.mean(grads)
         d, self.opt_state = self.optimizer.direction({"w": grads}, self.opt_state, {"w": self.w})
         gossip = self.algorithm == "dsgd" and (t + 1) % self.gossip_every == 0
-        # mix() returns a fresh tensor: w <- mix(w) - lr * d in place, no other (m, P) temporary
-        self.w = (self.comm.mix(self.w, t) if gossip else self.w.clone()).add_(d["w"], alpha=-lr)
+        # w <- mix(w) - lr * d: the communicator's one fused call (no other (m, P) temporary)
+        self.w = (self.comm.mix_add(self.w, d["w"], -lr, t) if gossip
+                  else torch.add(self.w, d["w"], alpha=-lr))
         if self.buffer_mode == "gossip" and self.b.shape[1]:
             if gossip:
                 self.b = self.comm.mix(self.b, t)
