@@ -11,10 +11,10 @@ out=${1:-runs/gpu}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/tests.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
-    2>&1 | tee -a "$out/gpu.txt"
-timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/tests.txt"
+    2>&1 | tee -a "$out/tests.txt"
+timeout 120 $py -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee -a "$out/tests.txt"
 timeout 45 $py benchmarks/gossip.py --device cuda --sizes 100000 11173962 \
     --workers 16 64 256 --repeats 10 --budget 1 2>&1 | tee "$out/gossip.txt"
 timeout 130 $py benchmarks/engine.py --device cuda --paper-projection --image 56 \
