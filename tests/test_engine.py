@@ -252,15 +252,45 @@ def test_shift_gossip_refuses_a_non_circulant_matrix():
         LocalCommunicator(make_topology("grid", 16), mode="shift").mix(torch.zeros(16, 3), 0)
 
 
-def test_auto_falls_back_to_the_loop_when_vmap_runs_out_of_memory():
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+def _out_of_memory(*args):
+    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
+
+def test_vmap_in_chunks_equals_vmap_over_all_workers():
+    topo = make_topology("ring", M)
+    kw = dict(lr=0.1, strategy="vmap", optimizer=SGD(momentum=0.9))
+    whole, chunked = Engine(convnet(), topo, **kw), Engine(convnet(), topo, chunk_size=4, **kw)
+    for x, y in batches((2, 5, 5), 3):
+        whole.step(x, y)
+        chunked.step(x, y)
+    torch.testing.assert_close(chunked.w, whole.w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked.b, whole.b, atol=1e-6, rtol=1e-6)  # BatchNorm statistics
+
+
+def test_auto_halves_the_vmap_chunk_when_it_runs_out_of_memory():
+    data = batches((2, 5, 5), 3)
+    loop = Engine(convnet(), make_topology("ring", M), lr=0.1, strategy="loop")
+    auto = Engine(convnet(), make_topology("ring", M), lr=0.1)
+    auto.strategy = "vmap"  # as on a GPU
+    auto._vmapped = _out_of_memory  # all 6 workers at once do not fit; 3 at a time do
+    with pytest.warns(UserWarning, match="vmap over 3 workers at a time"):
+        auto.step(*data[0])
+    assert (auto.strategy, auto.chunk_size) == ("vmap", 3)
+    for x, y in data[1:]:
+        auto.step(x, y)
+    for x, y in data:
+        loop.step(x, y)
+    torch.testing.assert_close(auto.w, loop.w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(auto.b, loop.b, atol=1e-5, rtol=1e-5)  # no statistics update lost
+
+
+def test_auto_falls_back_to_the_loop_when_no_vmap_chunk_fits(monkeypatch):
     data = batches((5,), 3)
     loop = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="loop")
     auto = Engine(mlp(), make_topology("ring", M), lr=0.1)
     assert auto.strategy == "vmap"
-    auto._vmapped = out_of_memory
+    auto._vmapped = _out_of_memory
+    monkeypatch.setattr(auto, "_build_vmapped", lambda chunk: _out_of_memory)
     with pytest.warns(UserWarning, match="ran out of memory"):
         auto.step(*data[0])
     assert auto.strategy == "loop"
@@ -270,7 +300,7 @@ def test_auto_falls_back_to_the_loop_when_vmap_runs_out_of_memory():
         loop.step(x, y)
     torch.testing.assert_close(auto.w, loop.w, atol=0, rtol=0)
     explicit = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="vmap")
-    explicit._vmapped = out_of_memory
+    explicit._vmapped = _out_of_memory
     with pytest.raises(torch.OutOfMemoryError):  # asked for vmap: no silent change
         explicit.step(*data[0])
 

@@ -27,8 +27,9 @@ a single hosted worker (one worker per process under torchrun), where vmap only 
 needs a C++ compiler): the first step compiles (tens of seconds), later steps lose most of the
 per-op dispatch cost that dominates small models (MLP, 16 workers, CPU: 1.4x per step,
 docs/performance.md).
-vmap holds every worker's activations at once; if that runs out of GPU memory under ``"auto"``,
-the engine says so once and continues with the loop (the step is recomputed, nothing is lost).
+vmap holds the activations of ``chunk_size`` workers at once (all of them by default); if that
+runs out of memory under ``"auto"``, the engine halves the chunk (down to the loop, one worker at
+a time), says so, and recomputes the step: nothing is lost.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Engine:
     seed: seeds the generator the gradient rule draws from (checkpointed).
     compile: compile the vmap gradient with ``torch.compile`` and fuse gossip and update (see
         the module docstring).
+    chunk_size: vmap over this many workers at a time (None: all); caps activation memory.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class Engine:
         gradient_rule: Any = None,
         seed: int = 0,
         compile: bool = False,
+        chunk_size: int | None = None,
     ):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
@@ -115,6 +118,8 @@ class Engine:
             raise ValueError(f"buffers must be 'gossip' or 'local', got {buffers!r}")
         if gossip_every < 1:
             raise ValueError(f"gossip_every must be >= 1, got {gossip_every}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if comm is None:
             if topology is None:
                 raise ValueError("give a topology (or a communicator)")
@@ -145,7 +150,8 @@ class Engine:
         self.strategy = auto_strategy(model, m_local, self.w.device) if strategy == "auto" \
             else strategy
         self._may_fall_back = strategy == "auto"
-        self._vmapped = vmap(grad(self._worker_loss, has_aux=True))
+        self.chunk_size = chunk_size
+        self._vmapped = self._build_vmapped(chunk_size)
         self._flat_vmap_grads = (torch.compile(self._vmap_gradients, dynamic=False) if compile
                                  else self._vmap_gradients)
 
@@ -244,18 +250,31 @@ class Engine:
             except torch.OutOfMemoryError:
                 if not self._may_fall_back:
                     raise
-                own = None  # the buffers are untouched: recompute this step with the loop
-                self.strategy = "loop"
-                if w.is_cuda:
-                    torch.cuda.empty_cache()
-                warnings.warn(f"vmap over {w.shape[0]} workers ran out of memory; computing "
-                              "the gradients worker by worker (strategy 'loop') from now on",
-                              stacklevel=2)
-                return self._loop_gradients(w, x, y, bufs)
+                # the buffers are untouched (``own`` is a copy): recompute with smaller chunks
+                self._shrink_chunks(w)
+                return self.gradients(w, x, y, update_buffers)
             for n, v in bufs.items():
                 v.copy_(own[n])
             return grads, loss, acc
         return self._loop_gradients(w, x, y, bufs)
+
+    def _build_vmapped(self, chunk_size: int | None):
+        return vmap(grad(self._worker_loss, has_aux=True), chunk_size=chunk_size)
+
+    def _shrink_chunks(self, w: Tensor) -> None:
+        """After an out-of-memory error: vmap over half as many workers, or loop over them."""
+        if w.is_cuda:
+            torch.cuda.empty_cache()
+        chunk = (self.chunk_size or w.shape[0]) // 2
+        if chunk >= 2:
+            self.chunk_size = chunk
+            self._vmapped = self._build_vmapped(chunk)
+            how = f"vmap over {chunk} workers at a time"
+        else:
+            self.strategy = "loop"
+            how = "worker by worker (strategy 'loop')"
+        warnings.warn(f"computing {w.shape[0]} workers' gradients ran out of memory; "
+                      f"computing them {how} from now on", stacklevel=3)
 
     def _vmap_gradients(self, w: Tensor, bufs: Params, x: Tensor, y: Tensor):
         g, (loss, acc) = self._vmapped(self.layout.views(w), bufs, x, y)

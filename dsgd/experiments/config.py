@@ -63,6 +63,7 @@ class TrainConfig:
     buffers: str = "gossip"  # BatchNorm statistics: gossip (mixed like weights) | local
     strategy: str = "auto"  # how the workers' gradients are computed: auto | vmap | loop
     compile: bool = False  # torch.compile the vmap gradient (slow first step; CPU needs g++)
+    chunk_size: int = 0  # vmap over this many workers at a time (0: all); caps activation memory
     gradient: str = "sgd"  # sgd | sam | asam | avg_sam (average-direction SAM, isotropic)
     rho: float = 0.05  # SAM/ASAM radius
     sigma: float = 0.01  # avg_sam: eps ~ N(0, sigma^2 I)
@@ -179,6 +180,7 @@ def validate(cfg: Config) -> Config:
     need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}")
     need(t.buffers in ("gossip", "local"), "train.buffers must be gossip or local")
     need(t.strategy in ("auto", "vmap", "loop"), "train.strategy must be auto, vmap or loop")
+    need(t.chunk_size >= 0, f"train.chunk_size must be >= 0 (0: all workers), got {t.chunk_size}")
     need(t.gradient in GRADIENTS, f"train.gradient must be one of {', '.join(GRADIENTS)}")
     need(t.rho >= 0 and t.sigma >= 0, "train.rho and train.sigma must be >= 0")
     need(t.samples >= 2 and t.samples % 2 == 0, "train.samples must be an even number >= 2")

@@ -109,7 +109,7 @@ def build(cfg: C.Config, comm=None) -> Setup:
     engine = Engine(model, topo, comm=comm, algorithm=t.algorithm, lr=_schedule(t),
                     optimizer=SGD(t.momentum, t.nesterov, t.weight_decay),
                     gossip_every=t.gossip_every, buffers=t.buffers, strategy=t.strategy,
-                    compile=t.compile,
+                    compile=t.compile, chunk_size=t.chunk_size or None,
                     gradient_rule=_gradient_rule(t), seed=t.seed)
     return Setup(cfg, ds, loader, engine)
 
