@@ -9,7 +9,7 @@ state, a tensor of shape ``(m_local, P)``:
   a communicator can fuse it into one pass over memory.
 
 ``LocalCommunicator`` hosts every worker in one process, so both are a matrix product. The
-distributed communicator (``dsgd.engine.distributed``) implements the same two calls with
+distributed communicator (``dsgd.engine.distributed``) implements the same calls with
 torch.distributed, exchanging only with neighbours.
 """
 
