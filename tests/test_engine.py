@@ -332,3 +332,24 @@ def test_compiled_mix_add_equals_mix_then_add(name, mode):
                                    atol=1e-6, rtol=1e-6)
     assert fused.bytes_sent == plain.bytes_sent > 0  # the same accounting
     assert LocalCommunicator(make_topology("one_peer_exponential", 16), compile=True)._fused is None
+
+
+def test_cpu_loop_over_worker_threads_equals_the_serial_loop():
+    """With n intra-op threads the loop runs the workers on n Python threads (one module copy
+    each): same weights and BatchNorm statistics as one thread, and the setting is restored."""
+    topo = make_topology("exponential", M)
+    runs = {}
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            eng = Engine(convnet(), topo, lr=0.1, strategy="loop", optimizer=SGD(momentum=0.9))
+            for x, y in batches((2, 5, 5), 3):
+                eng.step(x, y)
+            assert torch.get_num_threads() == n
+            assert len(eng._modules) == (0 if n == 1 else 3)
+            runs[n] = eng
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(runs[3].w, runs[1].w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(runs[3].b, runs[1].b, atol=1e-6, rtol=1e-6)

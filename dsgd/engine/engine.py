@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,8 @@ class Engine:
         self.strategy = auto_strategy(model, m_local, self.w.device) if strategy == "auto" \
             else strategy
         self._may_fall_back = strategy == "auto"
+        self._pool: ThreadPoolExecutor | None = None  # the CPU loop's threads, made on first use
+        self._modules: list[nn.Module] = []
         self.chunk_size = chunk_size
         self._vmapped = self._build_vmapped(chunk_size)
         self._flat_vmap_grads = (torch.compile(self._vmap_gradients, dynamic=False) if compile
@@ -221,8 +224,8 @@ class Engine:
         self.generator.set_state(state["generator"])
 
     # ---- gradients ---------------------------------------------------------------------------
-    def _worker_loss(self, p: Params, b: Params, x: Tensor, y: Tensor):
-        out = functional_call(self.model, {**p, **b}, (x,))
+    def _worker_loss(self, p: Params, b: Params, x: Tensor, y: Tensor, module=None):
+        out = functional_call(self.model if module is None else module, {**p, **b}, (x,))
         loss = self.loss(out, y)
         if out.ndim == 2 and not y.is_floating_point():
             acc = (out.argmax(-1) == y).float().mean()
@@ -281,16 +284,41 @@ class Engine:
         return self.layout.flatten(g, batch_dims=1), loss, acc
 
     def _loop_gradients(self, w: Tensor, x: Tensor, y: Tensor, bufs: Params):
+        """One forward/backward per worker. On CPU with several intra-op threads the workers are
+        spread over that many Python threads, one intra-op thread each (a batch per worker is
+        too small for intra-op parallelism; independent workers are not): each thread has its
+        own copy of the module, since ``functional_call`` swaps a module's tensors."""
+        m_local = w.shape[0]
         grads = torch.empty_like(w)
-        losses, accs = [], []
+        losses: list[Tensor] = [None] * m_local  # type: ignore[list-item]
+        accs: list[Tensor] = [None] * m_local  # type: ignore[list-item]
         views = self.layout.views(w)
-        for j in range(w.shape[0]):
-            p = {n: v[j].detach().requires_grad_() for n, v in views.items()}
-            loss, (_, acc) = self._worker_loss(p, {n: v[j] for n, v in bufs.items()}, x[j], y[j])
-            gs = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
-            torch.cat([gi.reshape(-1) for gi in gs], out=grads[j])
-            losses.append(loss.detach())
-            accs.append(acc)
+
+        def work(module, js):
+            for j in js:
+                p = {n: v[j].detach().requires_grad_() for n, v in views.items()}
+                loss, (_, acc) = self._worker_loss(p, {n: v[j] for n, v in bufs.items()}, x[j],
+                                                   y[j], module)
+                gs = torch.autograd.grad(loss, list(p.values()), materialize_grads=True)
+                torch.cat([gi.reshape(-1) for gi in gs], out=grads[j])
+                losses[j], accs[j] = loss.detach(), acc
+
+        n = min(torch.get_num_threads(), m_local) if not w.is_cuda else 1
+        if n == 1:
+            work(self.model, range(m_local))
+        else:
+            if self._pool is None or len(self._modules) != n:
+                self._pool = ThreadPoolExecutor(n, thread_name_prefix="dsgd-worker")
+                self._modules = [self.model] + [copy.deepcopy(self.model) for _ in range(n - 1)]
+            for module in self._modules:
+                module.train(self.model.training)
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                list(self._pool.map(work, self._modules, [range(k, m_local, n)
+                                                          for k in range(n)]))
+            finally:
+                torch.set_num_threads(before)
         return grads, torch.stack(losses), torch.stack(accs)
 
     # ---- the step ----------------------------------------------------------------------------
