@@ -451,6 +451,42 @@ def prototype(models: list[str], workers: list[int], repeats: int) -> None:
                   flush=True)
 
 
+# ---- ratios from interleaved steps in one process ------------------------------------------------
+def interleaved(models: list[str], workers: list[int], methods: list[str], repeats: int,
+                device: str) -> None:
+    """(a)/(b) with the steps of every method alternating in one process: the machine's state
+    (other load, clock) hits all methods alike, so the ratio is steadier than across processes.
+    a = the engine with strategy auto; b = C-SGD on one model (csgd1)."""
+    import torch
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    names = ["auto", *[m for m in methods if m not in ("auto", "csgd1", "ref", "paper")], "csgd1"]
+    print(f"interleaved, {_device_line(device)}: ms per step, median of {repeats} rounds "
+          f"(one step of each method per round); ratio = C-SGD time / method time")
+    head = (f"| {'model':<14} | {'m':>4} | " + " | ".join(f"{n:>9}" for n in names)
+            + " | " + " | ".join(f"{n + '/b':>9}" for n in names[:-1]) + " |")
+    print(head)
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    for model in models:
+        for m in workers:
+            steps = {n: _build_runner(model, m, _auto_strategy(model, device, m)
+                                      if n == "auto" else n, device) for n in names}
+            for f in steps.values():
+                f()
+                f()
+            times: dict[str, list[float]] = {n: [] for n in names}
+            for _ in range(repeats):
+                for n, f in steps.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    f()
+                    sync()
+                    times[n].append(time.perf_counter() - t0)
+            ms = {n: 1e3 * statistics.median(v) for n, v in times.items()}
+            print(f"| {model:<14} | {m:>4} | " + " | ".join(f"{ms[n]:9.2f}" for n in names)
+                  + " | " + " | ".join(f"{ms['csgd1'] / ms[n]:9.2f}" for n in names[:-1])
+                  + " |", flush=True)
+
+
 # ---- the paper's run, projected (GPU) ----------------------------------------------------------
 PROJECTION = {  # row label -> (method, topology)
     "C-SGD": ("csgd:auto", "complete"),
@@ -534,6 +570,9 @@ def main() -> None:
     ap.add_argument("--projection-batches", nargs=2, type=int, default=[64, 512],
                     help="per-worker batches of the paper's small- and large-batch runs")
     ap.add_argument("--profile", metavar="MODEL:M:METHOD")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="(a)/(b) from alternating steps in one process (--models, --workers; "
+                         "--methods adds vmap / loop / compile columns)")
     ap.add_argument("--prototype", action="store_true",
                     help="measure the proposed engine changes (--models, --workers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -570,6 +609,12 @@ def main() -> None:
         return
     if args.prototype:
         prototype(args.models, args.workers, args.repeats)
+        return
+    if args.interleaved:
+        if not args.default_malloc:
+            from dsgd.engine.memory import keep_freed_memory
+            keep_freed_memory()
+        interleaved(args.models, args.workers, args.methods, args.repeats, args.device)
         return
     if args.paper_projection:
         paper_projection(args)
