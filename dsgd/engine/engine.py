@@ -23,6 +23,8 @@ Gradient strategies: ``"vmap"`` computes all workers' gradients in one
 ``"auto"`` picks vmap for models without convolutions on CPU and for every model on GPU, loop
 otherwise (on CPU a conv net is compute-bound, and a loop keeps its working set small) and for
 a single hosted worker (one worker per process under torchrun), where vmap only adds overhead.
+On CPU the loop spreads the workers over as many Python threads as torch has intra-op threads,
+one intra-op thread each: a worker's batch is too small to split, its neighbours are independent.
 ``compile=True`` runs the vmap gradient through ``torch.compile`` (TorchInductor; on CPU it
 needs a C++ compiler): the first step compiles (tens of seconds), later steps lose most of the
 per-op dispatch cost that dominates small models (MLP, 16 workers, CPU: 1.4x per step,
