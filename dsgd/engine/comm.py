@@ -74,6 +74,7 @@ class LocalCommunicator:
         self._cache: tuple | None = None
         self._fused = (torch.compile(self._mix_add_expr, dynamic=False)
                        if compile and not topology.time_varying else None)
+        self._alpha: Tensor | None = None
 
     def _plan(self, step: int, like: Tensor):
         """(mode, matrix, plan, sends) for this step, cached while the matrix cannot change."""
@@ -138,8 +139,11 @@ class LocalCommunicator:
             return self.mix(x, step).add_(d, alpha=alpha)
         mode, P, plan, sends = self._plan(step, x)
         self.bytes_sent += sends * x.shape[1] * x.element_size()
-        a = torch.tensor(alpha, dtype=x.dtype, device=x.device)  # a tensor: no recompile per lr
-        return self._fused(x, d, a, mode, P, plan)
+        # alpha as a tensor, so a new lr does not recompile; filled in place (no host-to-device
+        # copy that would wait for the GPU)
+        if self._alpha is None or (self._alpha.dtype, self._alpha.device) != (x.dtype, x.device):
+            self._alpha = torch.zeros((), dtype=x.dtype, device=x.device)
+        return self._fused(x, d, self._alpha.fill_(alpha), mode, P, plan)
 
     @staticmethod
     def _mix_add_expr(x: Tensor, d: Tensor, alpha: Tensor, mode: str, P: Tensor, plan) -> Tensor:
