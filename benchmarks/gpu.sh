@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, each stage under its own time limit so that one slow stage cannot
 # starve the rest: the CUDA tests, gossip cost, the paper's run projected, the engine table,
-# torch.compile against eager.
+# interleaved ratios with torch.compile against eager.
 # Results land in $1 (default runs/gpu); the .jsonl files keep whatever a stage measured before
 # its limit (print them with `python benchmarks/engine.py --from-jsonl FILE`).
 #
@@ -22,7 +22,6 @@ timeout 130 $py benchmarks/engine.py --device cuda --paper-projection --image 56
     2>&1 | tee "$out/projection.txt"
 timeout 200 $py benchmarks/engine.py --device cuda --workers 16 64 1 4 256 --repeats 10 \
     --step-limit 10 --budget 3 --jsonl "$out/table.jsonl" 2>&1 | tee "$out/table.txt"
-# torch.compile on the GPU (launch-bound small models): vmap against vmap + compile
-timeout 240 $py benchmarks/engine.py --device cuda --models mlp lenet5 resnet8 --workers 16 64 \
-    --mlp-extra --methods vmap compile csgd1 --repeats 10 --step-limit 120 --budget 3 \
-    --jsonl "$out/compile.jsonl" 2>&1 | tee "$out/compile.txt"
+# (a)/(b) from interleaved steps, with torch.compile (launch-bound small models) beside eager
+timeout 240 $py benchmarks/engine.py --device cuda --interleaved --models mlp lenet5 resnet8 \
+    --workers 16 64 --methods vmap loop compile --repeats 10 2>&1 | tee "$out/interleaved.txt"
