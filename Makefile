@@ -38,8 +38,9 @@ test-slow: venv
 lint: venv
 	$(BIN)/ruff check dsgd tests benchmarks
 
-bench: venv
-	$(BIN)/python benchmarks/engine.py
+bench: venv  # the headline ratios (a few minutes), then the per-configuration table (--quick)
+	$(BIN)/python benchmarks/engine.py --interleaved --models mlp lenet5 resnet8 --workers 16 64 --methods loop vmap
+	$(BIN)/python benchmarks/engine.py --quick
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
