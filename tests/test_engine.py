@@ -353,3 +353,19 @@ def test_cpu_loop_over_worker_threads_equals_the_serial_loop():
         torch.set_num_threads(before)
     torch.testing.assert_close(runs[3].w, runs[1].w, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(runs[3].b, runs[1].b, atol=1e-6, rtol=1e-6)
+
+
+def test_csgd_without_batchnorm_takes_one_batch_and_matches_per_worker_gradients():
+    topo = make_topology("complete", M)
+    kw = dict(lr=0.1, algorithm="csgd", optimizer=SGD(momentum=0.9))
+    fast, apart = Engine(mlp(), topo, **kw), Engine(mlp(), topo, **kw)
+    assert fast._one_batch_csgd
+    apart._one_batch_csgd = False  # the workers' gradients one by one, then averaged
+    for x, y in batches((5,), 5):
+        r_fast, r_apart = fast.step(x, y), apart.step(x, y)
+        torch.testing.assert_close(r_fast.loss, r_apart.loss, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r_fast.accuracy, r_apart.accuracy)
+    torch.testing.assert_close(fast.w, apart.w, atol=1e-6, rtol=1e-6)
+    # BatchNorm couples a batch's samples: its workers keep their own batches
+    assert not Engine(convnet(), topo, **kw)._one_batch_csgd
+    assert not Engine(mlp(), make_topology("ring", M), lr=0.1)._one_batch_csgd  # D-SGD

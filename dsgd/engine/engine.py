@@ -29,6 +29,11 @@ one intra-op thread each: a worker's batch is too small to split, its neighbours
 needs a C++ compiler): the first step compiles (tens of seconds), later steps lose most of the
 per-op dispatch cost that dominates small models (MLP, 16 workers, CPU: 1.4x per step,
 docs/performance.md).
+C-SGD on a model without batch-coupled layers (no BatchNorm, no buffers) takes its gradient in
+one forward/backward of the hosted workers' whole batch: the mean of the workers' mean losses
+has the averaged gradient, so it is the same update (up to float rounding) at the cost of one
+model at the total batch. With BatchNorm each worker's statistics come from its own batch, as
+in the paper, so there the workers' gradients are computed apart.
 vmap holds the activations of ``chunk_size`` workers at once (all of them by default); if that
 runs out of memory under ``"auto"``, the engine halves the chunk (down to the loop, one worker at
 a time), says so, and recomputes the step: nothing is lost.
@@ -153,6 +158,10 @@ class Engine:
         self.strategy = auto_strategy(model, m_local, self.w.device) if strategy == "auto" \
             else strategy
         self._may_fall_back = strategy == "auto"
+        self._one_batch_csgd = (algorithm == "csgd" and gradient_rule is None
+                                and not self.b.shape[1] and not self.int_buffers
+                                and not any(isinstance(mod, nn.modules.batchnorm._NormBase)
+                                            for mod in model.modules()))
         self._pool: ThreadPoolExecutor | None = None  # the CPU loop's threads, made on first use
         self._modules: list[nn.Module] = []
         self.chunk_size = chunk_size
@@ -263,6 +272,23 @@ class Engine:
             return grads, loss, acc
         return self._loop_gradients(w, x, y, bufs)
 
+    def _one_batch_gradients(self, w: Tensor, x: Tensor, y: Tensor):
+        """C-SGD's averaged gradient from one forward/backward over all hosted workers' samples
+        (the rows of ``w`` are equal); per-worker losses and accuracies for the log."""
+        m_local, batch = y.shape[0], y.shape[1]
+        p = {n: v[0].detach().requires_grad_() for n, v in self.layout.views(w).items()}
+        self.model.train()
+        out = functional_call(self.model, p, (x.reshape(m_local * batch, *x.shape[2:]),))
+        out = out.reshape(m_local, batch, *out.shape[1:])
+        losses = vmap(self.loss)(out, y)  # (m_local,) each worker's mean loss
+        gs = torch.autograd.grad(losses.mean(), list(p.values()), materialize_grads=True)
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        if out.ndim == 3 and not y.is_floating_point():
+            acc = (out.argmax(-1) == y).float().mean(1)
+        else:
+            acc = torch.full((m_local,), float("nan"), device=w.device)
+        return flat.expand(m_local, -1), losses.detach(), acc.detach()
+
     def _build_vmapped(self, chunk_size: int | None):
         return vmap(grad(self._worker_loss, has_aux=True), chunk_size=chunk_size)
 
@@ -329,7 +355,8 @@ class Engine:
         t = self.step_count
         lr = float(self.lr(t))
         x, y = x.to(self.w.device), y.to(self.w.device)
-        grads, loss, acc = self.gradients(self.w, x, y)
+        grads, loss, acc = (self._one_batch_gradients(self.w, x, y) if self._one_batch_csgd
+                            else self.gradients(self.w, x, y))
         if not torch.isfinite(loss).all():
             bad = [self.comm.workers[j] for j in torch.nonzero(~torch.isfinite(loss)).flatten()]
             raise TrainingDiverged(f"loss is {loss[~torch.isfinite(loss)][0].item()} at step {t} "
