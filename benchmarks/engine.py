@@ -11,7 +11,8 @@ this measures samples/s = m * 32 / (median step time) and peak memory of
   (c') the paper's loop with gossip over the neighbours only (what the authors' code does), a
       fairer loop baseline for large m;
   and, with ``--methods ... compile``, (a) with ``Engine(strategy="vmap", compile=True)`` (its
-      first step compiles: give it a ``--step-limit`` of a minute or more).
+      first step compiles: give it a ``--step-limit`` of a minute or more); ``csgd_engine`` is
+      the engine's own C-SGD (``algorithm="csgd"``).
 
 On CPU every configuration runs in a fresh subprocess, so the peak memory is that process's own
 high-water mark: ``VmHWM`` from /proc/self/status minus ``VmRSS`` after imports and model
@@ -46,7 +47,7 @@ import time
 BATCH = 32
 SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet8": (3, 32, 32),
           "resnet20": (3, 32, 32), "resnet18_micro": (3, 32, 32)}
-METHODS = ("vmap", "loop", "csgd1", "ref", "paper", "compile")
+METHODS = ("vmap", "loop", "csgd1", "ref", "paper", "compile", "csgd_engine")
 DEFAULT_METHODS = METHODS[:5]  # "compile" (vmap + torch.compile) on request: it compiles first
 QUICK = {"models": ["mlp", "lenet5", "resnet8"], "workers": [1, 16, 64], "repeats": 5}
 
@@ -128,6 +129,8 @@ def _build_runner(model_name: str, m: int, method: str, device: str, image: int 
         eng = (ReferenceEngine(model, topo, lr=0.01) if method == "ref"
                else PaperLoop(model, topo.matrix(0)))
         return lambda: eng.step(x, y)
+    if method == "csgd_engine":  # the engine's own C-SGD (all-reduce), strategy auto
+        method = "csgd:auto"
     algorithm = "csgd" if method.startswith("csgd") else "dsgd"
     strategy = method.split(":")[1] if ":" in method else method
     compiled = strategy == "compile"
@@ -462,8 +465,9 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
     names = ["auto", *[m for m in methods if m not in ("auto", "csgd1", "ref", "paper")], "csgd1"]
     print(f"interleaved, {_device_line(device)}: ms per step, median of {repeats} rounds "
           f"(one step of each method per round); ratio = C-SGD time / method time")
-    head = (f"| {'model':<14} | {'m':>4} | " + " | ".join(f"{n:>9}" for n in names)
-            + " | " + " | ".join(f"{n + '/b':>9}" for n in names[:-1]) + " |")
+    wid = {n: max(9, len(n) + 2) for n in names}
+    head = (f"| {'model':<14} | {'m':>4} | " + " | ".join(f"{n:>{wid[n]}}" for n in names)
+            + " | " + " | ".join(f"{n + '/b':>{wid[n]}}" for n in names[:-1]) + " |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for model in models:
@@ -482,8 +486,9 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
                     sync()
                     times[n].append(time.perf_counter() - t0)
             ms = {n: 1e3 * statistics.median(v) for n, v in times.items()}
-            print(f"| {model:<14} | {m:>4} | " + " | ".join(f"{ms[n]:9.2f}" for n in names)
-                  + " | " + " | ".join(f"{ms['csgd1'] / ms[n]:9.2f}" for n in names[:-1])
+            print(f"| {model:<14} | {m:>4} | "
+                  + " | ".join(f"{ms[n]:{wid[n]}.2f}" for n in names) + " | "
+                  + " | ".join(f"{ms['csgd1'] / ms[n]:{wid[n]}.2f}" for n in names[:-1])
                   + " |", flush=True)
 
 
