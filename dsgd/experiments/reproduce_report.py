@@ -94,6 +94,12 @@ def _verdict(claim: str, status: str, sentence: str) -> dict[str, str]:
     return {"claim": claim, "status": status, "sentence": sentence}
 
 
+def _graded(checks: list[bool]) -> str:
+    """A claim with several measures: reproduced on all, partly on some, not on none."""
+    return ("reproduced" if all(checks) else "partly reproduced" if any(checks)
+            else "not reproduced")
+
+
 def verdict_large_batch(results: dict) -> list[dict[str, str]]:
     rows = results.get("large_batch") or []
     small, large = results["batches"]
@@ -166,8 +172,7 @@ def verdict_sharpness(results: dict) -> list[dict[str, str]]:
         tr_c, tr_d = _mean(c["hessian_trace"]), _mean(d["hessian_trace"])
         ev_c, ev_d = _mean(c["top_eigenvalue"]), _mean(d["top_eigenvalue"])
         flatter = [tr_d < tr_c, ev_d < ev_c]
-        status = ("reproduced" if all(flatter) else "partly reproduced" if any(flatter)
-                  else "not reproduced")
+        status = _graded(flatter)
         out.append(_verdict(
             claim, status,
             f"At total batch {large}, {label} has Hessian trace {tr_d:.4g} vs C-SGD {tr_c:.4g} "
@@ -299,8 +304,7 @@ def verdict_uncertainty(results: dict) -> list[dict[str, str]]:
         e_avg, e_k = avg(d, "averaged", "ece"), avg(d, kind, "ece")
         n_avg, n_k = avg(d, "averaged", "nll"), avg(d, kind, "nll")
         better = [e_k < e_avg, n_k < n_avg]
-        status = ("reproduced" if all(better) else "partly reproduced" if any(better)
-                  else "not reproduced")
+        status = _graded(better)
         out.append(_verdict(
             claim, status,
             f"D-SGD at total batch {large} (all topologies and seeds): the {kind} has ECE "
@@ -312,8 +316,7 @@ def verdict_uncertainty(results: dict) -> list[dict[str, str]]:
         e_c, n_c = avg(c, "averaged", "ece"), avg(c, "averaged", "nll")
         e_d, n_d = avg(d, "posterior", "ece"), avg(d, "posterior", "nll")
         better = [e_d < e_c, n_d < n_c]
-        status = ("reproduced" if all(better) else "partly reproduced" if any(better)
-                  else "not reproduced")
+        status = _graded(better)
         out.append(_verdict(
             "uncertainty: D-SGD's Xi-posterior is better calibrated than C-SGD", status,
             f"At total batch {large}, D-SGD's Xi-posterior has ECE {e_d:.4f} / NLL {n_d:.4f}, "
