@@ -72,6 +72,14 @@ class StepResult:
     lr: float
 
 
+def _accuracy(out: Tensor, y: Tensor, lead: int = 0) -> Tensor:
+    """Top-1 accuracy of each batch, out: (*lead, B, C), y: (*lead, B) class indices; NaN of
+    shape ``lead`` when the outputs are not class scores."""
+    if out.ndim == lead + 2 and not y.is_floating_point():
+        return (out.argmax(-1) == y).float().mean(-1)
+    return torch.full(y.shape[:lead], float("nan"), device=out.device)
+
+
 def _is_conv(model: nn.Module) -> bool:
     return any(isinstance(mod, nn.modules.conv._ConvNd) for mod in model.modules())
 
@@ -238,11 +246,7 @@ class Engine:
     def _worker_loss(self, p: Params, b: Params, x: Tensor, y: Tensor, module=None):
         out = functional_call(self.model if module is None else module, {**p, **b}, (x,))
         loss = self.loss(out, y)
-        if out.ndim == 2 and not y.is_floating_point():
-            acc = (out.argmax(-1) == y).float().mean()
-        else:
-            acc = torch.full((), float("nan"))
-        return loss, (loss.detach(), acc.detach())
+        return loss, (loss.detach(), _accuracy(out, y).detach())
 
     def gradients(self, w: Tensor, x: Tensor, y: Tensor, update_buffers: bool = True):
         """Each worker's mini-batch gradient at its weights: (m_local, P) -> (m_local, P).
@@ -282,12 +286,8 @@ class Engine:
         out = out.reshape(m_local, batch, *out.shape[1:])
         losses = vmap(self.loss)(out, y)  # (m_local,) each worker's mean loss
         gs = torch.autograd.grad(losses.mean(), list(p.values()), materialize_grads=True)
-        flat = torch.cat([g.reshape(-1) for g in gs])
-        if out.ndim == 3 and not y.is_floating_point():
-            acc = (out.argmax(-1) == y).float().mean(1)
-        else:
-            acc = torch.full((m_local,), float("nan"), device=w.device)
-        return flat.expand(m_local, -1), losses.detach(), acc.detach()
+        flat = self.layout.flatten(dict(zip(p, gs)))
+        return flat.expand(m_local, -1), losses.detach(), _accuracy(out, y, lead=1).detach()
 
     def _build_vmapped(self, chunk_size: int | None):
         return vmap(grad(self._worker_loss, has_aux=True), chunk_size=chunk_size)
@@ -336,6 +336,8 @@ class Engine:
             work(self.model, range(m_local))
         else:
             if self._pool is None or len(self._modules) != n:
+                if self._pool is not None:
+                    self._pool.shutdown()
                 self._pool = ThreadPoolExecutor(n, thread_name_prefix="dsgd-worker")
                 self._modules = [self.model] + [copy.deepcopy(self.model) for _ in range(n - 1)]
             for module in self._modules:
