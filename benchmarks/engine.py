@@ -346,76 +346,21 @@ def profile(spec: str, device: str) -> None:
     print(avgs.table(sort_by=key, row_limit=22, max_name_column_width=48))
 
 
-# ---- prototypes of engine changes (measured, not in the library) --------------------------------
-def _circulant(P) -> list[tuple[int, float]] | None:
-    """[(offset, weight)] when P[i, (i + o) % m] = P[0, o] for every i, else None."""
-    import torch
-    m = P.shape[0]
-    offsets = [(o, float(P[0, o])) for o in torch.nonzero(P[0]).flatten().tolist()]
-    i = torch.arange(m)
-    same = all(torch.allclose(P[i, (i + o) % m], torch.full((m,), w, dtype=P.dtype))
-               for o, w in offsets)
-    return offsets if same and int((P != 0).sum()) == m * len(offsets) else None
-
-
-def _prototype_classes():
+# ---- gossip modes inside the engine step ---------------------------------------------------------
+def prototype(models: list[str], workers: list[int], repeats: int) -> None:
+    """The D-SGD step with each of ``LocalCommunicator``'s gossip modes (auto, sparse, shift, and
+    shift with the update fused by torch.compile), interleaved in one process. The modes began
+    here as prototypes of engine changes; they are the library's own now."""
     import torch
 
     from dsgd.engine import Engine, LocalCommunicator
-
-    class SelectCommunicator(LocalCommunicator):
-        """Sparse gossip with ``index_select`` (a memcpy per row) instead of ``x[index]``; with
-        ``shift``, circulant matrices (ring, exponential) mix by in-place adds on row slices."""
-
-        def __init__(self, topology, shift: bool = False):
-            super().__init__(topology, "sparse")
-            self.offsets = _circulant(topology.matrix(0)) if shift else None
-
-        def mix(self, x, step):
-            m = x.shape[0]
-            if self.offsets is not None:
-                out = torch.mul(x, dict(self.offsets).get(0, 0.0))
-                for o, w in self.offsets:
-                    if o:
-                        out[: m - o].add_(x[o:], alpha=w)
-                        out[m - o:].add_(x[:o], alpha=w)
-                return out
-            _, _, (index, weights) = self._plan(step, x)
-            out = torch.index_select(x, 0, index[0]).mul_(weights[0][:, None])
-            for s in range(1, index.shape[0]):
-                out.addcmul_(torch.index_select(x, 0, index[s]), weights[s][:, None])
-            return out
-
-    class FusedEngine(Engine):
-        """Plain-SGD D-SGD step with the update fused into the gossip output:
-        ``w = mix(w); w.add_(grads, alpha=-lr)`` (no ``lr * grads`` and no subtraction copy)."""
-
-        def step(self, x, y):
-            lr = float(self.lr(self.step_count))
-            grads, loss, acc = self.gradients(self.w, x, y)
-            w = self.comm.mix(self.w, self.step_count)
-            self.w = w.add_(grads, alpha=-lr)
-            if self.b.shape[1]:
-                self.b = self.comm.mix(self.b, self.step_count)
-            self.step_count += 1
-            return loss
-
-    return SelectCommunicator, FusedEngine
-
-
-def prototype(models: list[str], workers: list[int], repeats: int) -> None:
-    """Engine step as is vs with the proposed changes, interleaved in one process."""
-    import torch
-
-    from dsgd.engine import Engine
     from dsgd.models import build_model
     from dsgd.topology import make_topology
-    SelectCommunicator, FusedEngine = _prototype_classes()
-    print(f"prototypes, {torch.get_num_threads()} threads: ms per D-SGD ring step (median of "
+    print(f"gossip modes, {torch.get_num_threads()} threads: ms per D-SGD ring step (median of "
           f"{repeats}, interleaved); b = C-SGD one model at batch m*32")
-    head = (f"| {'model':<8} | {'m':>4} | {'strategy':>8} | {'engine':>8} | {'select':>8} | "
-            f"{'shift':>8} | {'shift+fused':>11} | {'b':>8} | {'gain':>5} | {'a/b before':>10} | "
-            f"{'a/b after':>9} |")
+    head = (f"| {'model':<8} | {'m':>4} | {'strategy':>8} | {'auto':>8} | {'sparse':>8} | "
+            f"{'shift':>8} | {'shift+fused':>11} | {'b':>8} | {'gain':>5} | {'a/b auto':>10} | "
+            f"{'a/b fused':>9} |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for name in models:
@@ -426,11 +371,11 @@ def prototype(models: list[str], workers: list[int], repeats: int) -> None:
             topo = make_topology("ring", m)
             x, y = torch.randn(m, BATCH, *shape), torch.randint(0, 10, (m, BATCH))
             engines = {
-                "engine": Engine(model, topo, lr=0.01),
-                "select": Engine(model, comm=SelectCommunicator(topo), lr=0.01),
-                "shift": Engine(model, comm=SelectCommunicator(topo, shift=True), lr=0.01),
-                "shift+fused": FusedEngine(model, comm=SelectCommunicator(topo, shift=True),
-                                           lr=0.01),
+                "auto": Engine(model, topo, lr=0.01),
+                "sparse": Engine(model, comm=LocalCommunicator(topo, "sparse"), lr=0.01),
+                "shift": Engine(model, comm=LocalCommunicator(topo, "shift"), lr=0.01),
+                "shift+fused": Engine(model, comm=LocalCommunicator(topo, "shift", compile=True),
+                                      lr=0.01),
             }
             steps = {k: (lambda e=e, x=x, y=y: e.step(x, y)) for k, e in engines.items()}
             steps["b"] = _build_runner(name, m, "csgd1", "cpu")
@@ -444,13 +389,13 @@ def prototype(models: list[str], workers: list[int], repeats: int) -> None:
                     f()
                     times[k].append(time.perf_counter() - t0)
             ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-            w_ref = engines["engine"].w
-            for k in ("select", "shift", "shift+fused"):
+            w_ref = engines["auto"].w
+            for k in ("sparse", "shift", "shift+fused"):
                 assert torch.allclose(engines[k].w, w_ref, atol=1e-5), k
-            print(f"| {name:<8} | {m:>4} | {engines['engine'].strategy:>8} | {ms['engine']:8.1f} | "
-                  f"{ms['select']:8.1f} | {ms['shift']:8.1f} | {ms['shift+fused']:11.1f} | "
-                  f"{ms['b']:8.1f} | {ms['engine'] / ms['shift+fused']:5.2f} | "
-                  f"{ms['b'] / ms['engine']:10.2f} | {ms['b'] / ms['shift+fused']:9.2f} |",
+            print(f"| {name:<8} | {m:>4} | {engines['auto'].strategy:>8} | {ms['auto']:8.1f} | "
+                  f"{ms['sparse']:8.1f} | {ms['shift']:8.1f} | {ms['shift+fused']:11.1f} | "
+                  f"{ms['b']:8.1f} | {ms['auto'] / ms['shift+fused']:5.2f} | "
+                  f"{ms['b'] / ms['auto']:10.2f} | {ms['b'] / ms['shift+fused']:9.2f} |",
                   flush=True)
 
 
@@ -579,7 +524,7 @@ def main() -> None:
                     help="(a)/(b) from alternating steps in one process (--models, --workers; "
                          "--methods adds vmap / loop / compile columns)")
     ap.add_argument("--prototype", action="store_true",
-                    help="measure the proposed engine changes (--models, --workers)")
+                    help="the step with each gossip mode, interleaved (--models, --workers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's allocator settings alone (the CLI tunes them)")
