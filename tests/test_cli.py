@@ -11,24 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import dsgd_cli, sets, torchrun_launch
 
 from dsgd.errors import UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.cli import main
-
-TINY = ["data.name=synthetic", "data.n_train=512", "data.n_test=128", "model.name=mlp",
-        "model.options={hidden=[16]}", "train.workers=4", "train.batch_size=8",
-        "train.steps=30", "train.lr=0.1", "log.eval_every=5", "log.checkpoint_every=5",
-        "log.progress=false", "log.eval_batch_size=64"]
-
-
-def sets(*overrides):
-    return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
-
-
-def dsgd_cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "dsgd", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -142,14 +129,11 @@ def test_presets_are_valid():
 
 def test_torchrun_train_matches_the_simulated_run(tmp_path):
     """The same config under torchrun (2 processes, 2 workers each) and in one process."""
-    import shutil
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     sim, dist = tmp_path / "sim", tmp_path / "dist"
     args = ["train", *sets("train.topology=exponential", "train.momentum=0.9"), "--out"]
     assert main([*args, str(sim)]) == 0
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "dsgd", *args,
-                           str(dist), "--engine", "distributed", "--timeout", "30"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(torchrun_launch(2, args, dist, 30), capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = [json.loads(x) for x in (sim / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (dist / "metrics.jsonl").read_text().splitlines()]
@@ -192,14 +176,11 @@ def test_quickstart_trains_both_and_reports_then_reruns_without_training(tmp_pat
 def test_torchrun_crash_then_resume_matches_the_simulated_run(tmp_path):
     """Kill a whole torchrun job mid-run; --resume from the per-rank checkpoints finishes with
     the weights of an uninterrupted single-process run."""
-    import shutil
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     sim, dist = tmp_path / "sim", tmp_path / "dist"
     slow = ("train.steps=600", "log.eval_every=20", "log.checkpoint_every=20")
     args = ["train", *sets(*slow), "--out"]
     assert main([*args, str(sim)]) == 0
-    launch = [torchrun, "--standalone", "--nproc-per-node=2", "-m", "dsgd", *args, str(dist),
-              "--engine", "distributed", "--timeout", "30"]
+    launch = torchrun_launch(2, args, dist, 30)
     proc = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     metrics = dist / "metrics.jsonl"

@@ -8,13 +8,11 @@ steps); elsewhere TF32 is switched off so the GPU computes in true float32.
 
 import json
 import math
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import sets, torchrun_launch
 from torch import nn
 
 from dsgd.engine import Engine, LocalCommunicator
@@ -25,10 +23,7 @@ from dsgd.topology import make_topology
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = ["data.name=synthetic", "data.n_train=512", "data.n_test=128", "model.name=mlp",
-        "model.options={hidden=[16]}", "train.workers=4", "train.batch_size=8",
-        "train.steps=20", "train.lr=0.1", "log.eval_every=10", "log.checkpoint_every=5",
-        "log.progress=false", "log.eval_batch_size=64"]
+SHORT = ("train.steps=20", "log.eval_every=10")
 
 
 @pytest.fixture(autouse=True)
@@ -92,17 +87,13 @@ def test_auto_gossip_on_cuda_is_dense_but_never_in_tf32():
     assert LocalCommunicator(make_topology("grid", 16))._plan(0, x)[0] == "sparse"
 
 
-def _sets(*overrides):
-    return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
-
-
 def test_training_run_on_cuda_matches_the_cpu_run_and_logs_instruments(tmp_path):
     instruments = 'log.instruments=["hessian", "equivalence", "uncertainty"]'
     runs = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / device
-        assert main(["train", *_sets(f"device={device}", instruments,
-                                     "log.instrument_samples=64"), "--out", str(out)]) == 0
+        assert main(["train", *sets(*SHORT, f"device={device}", instruments,
+                                    "log.instrument_samples=64"), "--out", str(out)]) == 0
         row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         w = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
         runs[device] = row, w
@@ -118,13 +109,11 @@ def test_training_run_on_cuda_matches_the_cpu_run_and_logs_instruments(tmp_path)
 def test_torchrun_nccl_run_matches_the_simulated_run(tmp_path):
     """One process per GPU under torchrun with the nccl backend (here: the one GPU there is,
     hosting all 4 workers) against the simulated run."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     sim, dist = tmp_path / "sim", tmp_path / "dist"
-    args = ["train", *_sets("device=cuda", "train.topology=exponential"), "--out"]
+    args = ["train", *sets(*SHORT, "device=cuda", "train.topology=exponential"), "--out"]
     assert main([*args, str(sim)]) == 0
-    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node=1", "-m", "dsgd", *args,
-                           str(dist), "--engine", "distributed", "--timeout", "60"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun_launch(1, args, dist, 60), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     w = torch.load(sim / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
     w_d = torch.load(dist / "checkpoints" / "last.pt", weights_only=True)["engine"]["w"]
