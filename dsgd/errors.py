@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite. The last good checkpoint is kept."""
+
+
+class BatchError(UserError, ValueError):
+    """A batch whose shape or dtype does not fit the engine (workers, batch size, labels)."""

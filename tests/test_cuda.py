@@ -67,7 +67,7 @@ def test_engine_on_cuda_matches_the_cpu(name, shape, strategy, algorithm, topolo
 def test_gossip_modes_on_cuda_equal_the_matrix_product(topology):
     topo = make_topology(topology, 16)
     x = torch.randn(16, 1000, dtype=torch.float64, device="cuda")
-    circulant = LocalCommunicator(topo)._plan(0, x)[0] == "shift" or topology == "exponential"
+    circulant = LocalCommunicator(topo).plan(0, x).mode == "shift" or topology == "exponential"
     for mode in ("auto", "dense", "sparse") + (("shift",) if circulant else ()):
         comm = LocalCommunicator(topo, mode)
         for t in range(3):
@@ -80,11 +80,11 @@ def test_auto_gossip_on_cuda_is_dense_but_never_in_tf32():
     x = torch.randn(16, 100_000, device="cuda")
     exact = topo.matrix(0).to(x.device, torch.float64) @ x.double()
     comm = LocalCommunicator(topo)
-    assert comm._plan(0, x)[0] == "dense"  # TF32 off (fixture): one GEMM, exact float32
+    assert comm.plan(0, x).mode == "dense"  # TF32 off (fixture): one GEMM, exact float32
     torch.backends.cuda.matmul.allow_tf32 = True  # as torch.set_float32_matmul_precision("high")
-    assert comm._plan(0, x)[0] == "shift"  # the flag is part of the plan's cache key
+    assert comm.plan(0, x).mode == "shift"  # the flag is part of the plan's cache key
     assert (comm.mix(x, 0).double() - exact).abs().max() < 1e-5
-    assert LocalCommunicator(make_topology("grid", 16))._plan(0, x)[0] == "sparse"
+    assert LocalCommunicator(make_topology("grid", 16)).plan(0, x).mode == "sparse"
 
 
 def test_training_run_on_cuda_matches_the_cpu_run_and_logs_instruments(tmp_path):

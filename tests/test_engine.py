@@ -86,11 +86,11 @@ def test_batchnorm_buffers_match_reference(buffers, algorithm, strategy):
     assert_same(fast, ref)
     for j, worker in enumerate(ref.workers):
         bn = worker[1]
-        torch.testing.assert_close(fast.buffers["1.running_mean"][j], bn.running_mean,
+        torch.testing.assert_close(fast.worker_buffers["1.running_mean"][j], bn.running_mean,
                                    atol=1e-5, rtol=0)
-        torch.testing.assert_close(fast.buffers["1.running_var"][j], bn.running_var,
+        torch.testing.assert_close(fast.worker_buffers["1.running_var"][j], bn.running_var,
                                    atol=1e-5, rtol=0)
-    spread = fast.buffers["1.running_mean"].std(0).max().item()
+    spread = fast.worker_buffers["1.running_mean"].std(0).max().item()
     if algorithm == "csgd" and buffers == "gossip":
         assert spread < 1e-6  # averaged every step
     else:
@@ -244,16 +244,12 @@ def test_shift_gossip_of_circulant_matrices_equals_the_product(name):
         torch.testing.assert_close(comm.mix(x, t), topo.matrix(t) @ x, atol=1e-12, rtol=0)
     # auto: shift while 4 * deg <= m (deg counts the worker itself), else the dense product
     deg = int((topo.matrix(0)[0] != 0).sum())
-    assert LocalCommunicator(topo)._plan(0, x)[0] == ("shift" if 4 * deg <= 16 else "dense")
+    assert LocalCommunicator(topo).plan(0, x).mode == ("shift" if 4 * deg <= 16 else "dense")
 
 
 def test_shift_gossip_refuses_a_non_circulant_matrix():
     with pytest.raises(ValueError, match="circulant"):
         LocalCommunicator(make_topology("grid", 16), mode="shift").mix(torch.zeros(16, 3), 0)
-
-
-def _out_of_memory(*args):
-    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
 
 def test_vmap_in_chunks_equals_vmap_over_all_workers():
@@ -265,44 +261,6 @@ def test_vmap_in_chunks_equals_vmap_over_all_workers():
         chunked.step(x, y)
     torch.testing.assert_close(chunked.w, whole.w, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(chunked.b, whole.b, atol=1e-6, rtol=1e-6)  # BatchNorm statistics
-
-
-def test_auto_halves_the_vmap_chunk_when_it_runs_out_of_memory():
-    data = batches((2, 5, 5), 3)
-    loop = Engine(convnet(), make_topology("ring", M), lr=0.1, strategy="loop")
-    auto = Engine(convnet(), make_topology("ring", M), lr=0.1)
-    auto.strategy = "vmap"  # as on a GPU
-    auto._vmapped = _out_of_memory  # all 6 workers at once do not fit; 3 at a time do
-    with pytest.warns(UserWarning, match="vmap over 3 workers at a time"):
-        auto.step(*data[0])
-    assert (auto.strategy, auto.chunk_size) == ("vmap", 3)
-    for x, y in data[1:]:
-        auto.step(x, y)
-    for x, y in data:
-        loop.step(x, y)
-    torch.testing.assert_close(auto.w, loop.w, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(auto.b, loop.b, atol=1e-5, rtol=1e-5)  # no statistics update lost
-
-
-def test_auto_falls_back_to_the_loop_when_no_vmap_chunk_fits(monkeypatch):
-    data = batches((5,), 3)
-    loop = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="loop")
-    auto = Engine(mlp(), make_topology("ring", M), lr=0.1)
-    assert auto.strategy == "vmap"
-    auto._vmapped = _out_of_memory
-    monkeypatch.setattr(auto, "_build_vmapped", lambda chunk: _out_of_memory)
-    with pytest.warns(UserWarning, match="ran out of memory"):
-        auto.step(*data[0])
-    assert auto.strategy == "loop"
-    for x, y in data[1:]:
-        auto.step(x, y)
-    for x, y in data:
-        loop.step(x, y)
-    torch.testing.assert_close(auto.w, loop.w, atol=0, rtol=0)
-    explicit = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="vmap")
-    explicit._vmapped = _out_of_memory
-    with pytest.raises(torch.OutOfMemoryError):  # asked for vmap: no silent change
-        explicit.step(*data[0])
 
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
@@ -331,41 +289,6 @@ def test_compiled_mix_add_equals_mix_then_add(name, mode):
         torch.testing.assert_close(fused.mix_add(x, d, alpha, 0), plain.mix(x, 0) + alpha * d,
                                    atol=1e-6, rtol=1e-6)
     assert fused.bytes_sent == plain.bytes_sent > 0  # the same accounting
-    assert LocalCommunicator(make_topology("one_peer_exponential", 16), compile=True)._fused is None
+    assert not LocalCommunicator(make_topology("one_peer_exponential", 16), compile=True).compiled
 
 
-def test_cpu_loop_over_worker_threads_equals_the_serial_loop():
-    """With n intra-op threads the loop runs the workers on n Python threads (one module copy
-    each): same weights and BatchNorm statistics as one thread, and the setting is restored."""
-    topo = make_topology("exponential", M)
-    runs = {}
-    before = torch.get_num_threads()
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
-            eng = Engine(convnet(), topo, lr=0.1, strategy="loop", optimizer=SGD(momentum=0.9))
-            for x, y in batches((2, 5, 5), 3):
-                eng.step(x, y)
-            assert torch.get_num_threads() == n
-            assert len(eng._modules) == (0 if n == 1 else 3)
-            runs[n] = eng
-    finally:
-        torch.set_num_threads(before)
-    torch.testing.assert_close(runs[3].w, runs[1].w, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(runs[3].b, runs[1].b, atol=1e-6, rtol=1e-6)
-
-
-def test_csgd_without_batchnorm_takes_one_batch_and_matches_per_worker_gradients():
-    topo = make_topology("complete", M)
-    kw = dict(lr=0.1, algorithm="csgd", optimizer=SGD(momentum=0.9))
-    fast, apart = Engine(mlp(), topo, **kw), Engine(mlp(), topo, **kw)
-    assert fast._one_batch_csgd
-    apart._one_batch_csgd = False  # the workers' gradients one by one, then averaged
-    for x, y in batches((5,), 5):
-        r_fast, r_apart = fast.step(x, y), apart.step(x, y)
-        torch.testing.assert_close(r_fast.loss, r_apart.loss, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(r_fast.accuracy, r_apart.accuracy)
-    torch.testing.assert_close(fast.w, apart.w, atol=1e-6, rtol=1e-6)
-    # BatchNorm couples a batch's samples: its workers keep their own batches
-    assert not Engine(convnet(), topo, **kw)._one_batch_csgd
-    assert not Engine(mlp(), make_topology("ring", M), lr=0.1)._one_batch_csgd  # D-SGD

@@ -1,4 +1,5 @@
-"""Engines: the D-SGD/C-SGD engine over a communicator, and the loop-over-modules reference."""
+"""Engines: the engine over a communicator, its gradient backends, and the loop-over-modules
+reference."""
 
 from dsgd.engine.comm import Communicator, LocalCommunicator
 from dsgd.engine.engine import Engine, StepResult

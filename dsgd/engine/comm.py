@@ -15,6 +15,7 @@ torch.distributed, exchanging only with neighbours.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -41,6 +42,47 @@ class Communicator(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class MixPlan:
+    """How ``LocalCommunicator`` computes ``P @ x`` for one matrix."""
+
+    mode: str  # "dense", "shift" or "sparse"
+    matrix: Tensor  # (m, m) P on x's device and dtype
+    shifts: tuple[tuple[int, float], ...]  # shift: (offset o, weight P[0, o]) for P[0, o] != 0
+    index: Tensor | None  # sparse: (deg, m), slot s of row j is j's s-th neighbour
+    weights: Tensor | None  # sparse: (deg, m), its weight (0 where a row has fewer neighbours)
+    sends: int  # rows handed to other workers per gossip (as if each worker were a process)
+
+
+def gossip(x: Tensor, plan: MixPlan) -> Tensor:
+    """``P @ x`` for x: (m, P), by the plan's mode; the one implementation of every mode, which
+    the compiled ``mix_add`` wraps."""
+    if plan.mode == "dense":
+        return plan.matrix @ x
+    if plan.mode == "shift":
+        m = x.shape[0]
+        own = dict(plan.shifts).get(0)  # the worker's own weight: start from it, not from zeros
+        out = torch.mul(x, own) if own is not None else torch.zeros_like(x)
+        for o, w in plan.shifts:
+            if o == 0:
+                continue
+            out[: m - o].add_(x[o:], alpha=w)  # rows j < m - o read x[j + o]
+            out[m - o:].add_(x[:o], alpha=w)  # the rest wrap around
+        return out
+    assert plan.index is not None and plan.weights is not None
+    out = torch.index_select(x, 0, plan.index[0]).mul_(plan.weights[0][:, None])
+    for s in range(1, plan.index.shape[0]):
+        out.addcmul_(torch.index_select(x, 0, plan.index[s]), plan.weights[s][:, None])
+    return out
+
+
+def gossip_add(x: Tensor, d: Tensor, alpha: float | Tensor, plan: MixPlan) -> Tensor:
+    """``P @ x + alpha * d``; ``alpha`` a float, or a 0-d tensor under ``torch.compile`` (a new
+    lr then does not recompile)."""
+    out = gossip(x, plan)
+    return out.add_(d, alpha=alpha) if isinstance(alpha, float) else out.add_(d * alpha)
+
+
 class LocalCommunicator:
     """All m workers in one process; ``mix`` computes ``P @ x`` in one of three ways:
 
@@ -49,8 +91,8 @@ class LocalCommunicator:
     - ``dense``: one (m, m) x (m, P) matrix product, which reads every row once;
     - ``sparse``: ``deg`` row gathers (``index_select``), O(deg * m * P) instead of O(m^2 P).
 
-    ``compile=True`` fuses ``mix_add`` with ``torch.compile`` for topologies whose matrix does not
-    change (one pass that reads each neighbour row and d once and writes the result once).
+    ``compile=True`` runs ``mix_add`` through ``torch.compile`` for topologies whose matrix does
+    not change, so the gossip and the update can fuse into fewer passes over memory.
 
     ``"auto"`` picks what ``benchmarks/gossip.py`` measured fastest (docs/performance.md). On
     CPU: shift for circulant matrices with few neighbours (``4 * deg <= m``, deg counting the
@@ -71,17 +113,18 @@ class LocalCommunicator:
         self.workers = range(self.m)
         self.bytes_sent = 0
         self.mode = mode
-        self._cache: tuple | None = None
-        self._fused = (torch.compile(self._mix_add_expr, dynamic=False)
-                       if compile and not topology.time_varying else None)
+        self._cache: tuple[tuple, MixPlan] | None = None
+        self.compiled = compile and not topology.time_varying
+        self._fused = torch.compile(gossip_add, dynamic=False) if self.compiled else None
         self._alpha: Tensor | None = None
 
-    def _plan(self, step: int, like: Tensor):
-        """(mode, matrix, plan, sends) for this step, cached while the matrix cannot change."""
+    def plan(self, step: int, like: Tensor) -> MixPlan:
+        """The plan for step ``step``'s matrix and tensors like ``like``, cached while the
+        matrix cannot change."""
         tf32 = like.is_cuda and torch.backends.cuda.matmul.allow_tf32
         key = (0 if not self.topology.time_varying else step, like.dtype, like.device, tf32)
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1:]
+            return self._cache[1]
         P = self.topology.matrix(step)
         circulant = all(torch.equal(P[j], torch.roll(P[0], j)) for j in range(self.m))
         mode = self.mode
@@ -96,69 +139,38 @@ class LocalCommunicator:
         if mode == "shift" and not circulant:
             raise ValueError(f"shift gossip needs a circulant matrix; {self.topology.name} "
                              "is not one")
-        plan = None
+        shifts: tuple[tuple[int, float], ...] = ()
+        index = weights = None
         if mode == "shift":
-            offsets = torch.nonzero(P[0]).flatten().tolist()
-            plan = [(o, float(P[0, o])) for o in offsets]
+            shifts = tuple((o, float(P[0, o])) for o in torch.nonzero(P[0]).flatten().tolist())
         elif mode == "sparse":
             deg = int((P != 0).sum(1).max())
             # slot s of row j: the s-th neighbour of j (padded with j itself at weight 0)
             order = torch.argsort((P == 0).to(torch.int8), dim=1, stable=True)[:, :deg]  # (m, deg)
-            weights = torch.gather(P, 1, order)
-            plan = (order.T.contiguous().to(like.device),
-                    weights.T.contiguous().to(like.device, like.dtype))  # (deg, m) each
+            index = order.T.contiguous().to(like.device)
+            weights = torch.gather(P, 1, order).T.contiguous().to(like.device, like.dtype)
         # nominal accounting, as if each worker were a process: worker k sends its row to
         # every other worker j with P[j, k] != 0
         sends = int((P != 0).sum()) - int((P.diagonal() != 0).sum())
-        self._cache = (key, mode, P.to(like.device, like.dtype), plan, sends)
-        return self._cache[1:]
+        plan = MixPlan(mode, P.to(like.device, like.dtype), shifts, index, weights, sends)
+        self._cache = (key, plan)
+        return plan
 
     def mix(self, x: Tensor, step: int) -> Tensor:
-        mode, P, plan, sends = self._plan(step, x)
-        self.bytes_sent += sends * x.shape[1] * x.element_size()
-        if mode == "dense":
-            return P @ x
-        if mode == "shift":
-            m = x.shape[0]
-            own = dict(plan).get(0)  # the worker's own weight: start from it, not from zeros
-            out = torch.mul(x, own) if own is not None else torch.zeros_like(x)
-            for o, w in plan:
-                if o == 0:
-                    continue
-                out[: m - o].add_(x[o:], alpha=w)  # rows j < m - o read x[j + o]
-                out[m - o:].add_(x[:o], alpha=w)  # the rest wrap around
-            return out
-        index, weights = plan
-        out = torch.index_select(x, 0, index[0]).mul_(weights[0][:, None])
-        for s in range(1, index.shape[0]):
-            out.addcmul_(torch.index_select(x, 0, index[s]), weights[s][:, None])
-        return out
+        plan = self.plan(step, x)
+        self.bytes_sent += plan.sends * x.shape[1] * x.element_size()
+        return gossip(x, plan)
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
+        plan = self.plan(step, x)
+        self.bytes_sent += plan.sends * x.shape[1] * x.element_size()
         if self._fused is None:
-            return self.mix(x, step).add_(d, alpha=alpha)
-        mode, P, plan, sends = self._plan(step, x)
-        self.bytes_sent += sends * x.shape[1] * x.element_size()
+            return gossip_add(x, d, alpha, plan)
         # alpha as a tensor, so a new lr does not recompile; filled in place (no host-to-device
         # copy that would wait for the GPU)
         if self._alpha is None or (self._alpha.dtype, self._alpha.device) != (x.dtype, x.device):
             self._alpha = torch.zeros((), dtype=x.dtype, device=x.device)
-        return self._fused(x, d, self._alpha.fill_(alpha), mode, P, plan)
-
-    @staticmethod
-    def _mix_add_expr(x: Tensor, d: Tensor, alpha: Tensor, mode: str, P: Tensor, plan) -> Tensor:
-        """P @ x + alpha * d written as one expression, for the compiler to fuse."""
-        if mode == "dense":
-            return P @ x + alpha * d
-        out = alpha * d
-        if mode == "shift":
-            for o, w in plan:
-                out = out + w * (torch.roll(x, -o, 0) if o else x)
-            return out
-        index, weights = plan
-        for s in range(index.shape[0]):
-            out = out + torch.index_select(x, 0, index[s]) * weights[s][:, None]
-        return out
+        return self._fused(x, d, self._alpha.fill_(alpha), plan)
 
     def mean(self, x: Tensor) -> Tensor:
         self.bytes_sent += x.numel() * x.element_size()  # each worker hands its row to all-reduce
@@ -168,4 +180,4 @@ class LocalCommunicator:
         return value  # one process
 
 
-__all__ = ["Communicator", "LocalCommunicator"]
+__all__ = ["Communicator", "LocalCommunicator", "MixPlan", "gossip", "gossip_add"]

@@ -1,0 +1,27 @@
+"""Decentralized and centralized algorithms, one small object each (see ``base``).
+
+``make_algorithm("dsgd")`` / ``make_algorithm("local", every=4)`` build one by name; the engine
+accepts a name or an object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsgd.algorithms.base import Algorithm, State, Stateless
+from dsgd.algorithms.csgd import CSGD
+from dsgd.algorithms.dsgd import DSGD
+from dsgd.algorithms.local import LocalSGD
+
+ALGORITHMS: dict[str, type] = {"dsgd": DSGD, "csgd": CSGD, "local": LocalSGD}
+
+
+def make_algorithm(name: str, **options: Any) -> Algorithm:
+    """The algorithm called ``name`` with its options (e.g. ``every`` for ``local``)."""
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](**options)
+
+
+__all__ = ["ALGORITHMS", "CSGD", "DSGD", "Algorithm", "LocalSGD", "State", "Stateless",
+           "make_algorithm"]

@@ -1,0 +1,251 @@
+"""Gradient backends: each against the others and the engine's reference, the out-of-memory
+fallback, the timed ``auto`` choice, random ops (dropout) and the engine's input checks."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from dsgd.engine import Engine
+from dsgd.engine.backends import (
+    AutoBackend,
+    LoopBackend,
+    Objective,
+    OneBatchBackend,
+    OutOfMemoryFallback,
+    VmapBackend,
+    default_strategy,
+)
+from dsgd.errors import BatchError, UserError
+from dsgd.optim import SGD
+from dsgd.topology import make_topology
+
+M = 6
+
+
+def mlp(dropout=0.0):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(dropout), nn.Linear(7, 3))
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 3 * 3, 3))
+
+
+def batches(shape, steps, m=M, B=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(m, B, *shape, generator=g), torch.randint(0, 3, (m, B), generator=g))
+            for _ in range(steps)]
+
+
+def objective(engine):
+    return Objective(engine.model, engine.layout, engine.loss)
+
+
+class TightVmap(VmapBackend):
+    """vmap that runs out of memory on more than ``fits`` workers at a time."""
+
+    fits = 3
+
+    def gradients(self, w, buffers, x, y):
+        if (self.chunk_size or w.shape[0]) > self.fits:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return super().gradients(w, buffers, x, y)
+
+    def with_chunk(self, chunk_size):
+        smaller = TightVmap(self.objective, chunk_size)
+        smaller.fits = self.fits
+        return smaller
+
+
+@pytest.mark.parametrize("fits,expect", [(3, "vmap over 3 workers at a time"),
+                                         (1, "worker by worker")])
+def test_out_of_memory_halves_the_chunk_down_to_the_loop(fits, expect):
+    data = batches((2, 5, 5), 3)
+    loop = Engine(convnet(), make_topology("ring", M), lr=0.1, strategy="loop")
+    tight = Engine(convnet(), make_topology("ring", M), lr=0.1)
+    TightVmap.fits = fits
+    tight.backend = OutOfMemoryFallback(TightVmap(objective(tight)),
+                                        lambda: LoopBackend(objective(tight)))
+    with pytest.warns(UserWarning, match=expect):
+        tight.step(*data[0])
+    assert tight.backend.name == ("vmap" if fits > 1 else "loop")
+    for x, y in data[1:]:
+        tight.step(x, y)
+    for x, y in data:
+        loop.step(x, y)
+    torch.testing.assert_close(tight.w, loop.w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tight.b, loop.b, atol=1e-5, rtol=1e-5)  # no statistics lost
+    TightVmap.fits = 3
+
+
+def test_explicit_vmap_has_no_silent_fallback():
+    engine = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="vmap")
+    assert type(engine.backend) is VmapBackend
+    engine.backend = TightVmap(objective(engine))
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.step(*batches((5,), 1)[0])
+
+
+def test_threaded_loop_equals_the_serial_loop_and_restores_the_thread_setting():
+    topo = make_topology("exponential", M)
+    before = torch.get_num_threads()
+    runs = {}
+    for n in (1, 3):
+        eng = Engine(convnet(), topo, lr=0.1, strategy="loop", optimizer=SGD(momentum=0.9))
+        eng.backend = LoopBackend(objective(eng), threads=n)
+        for x, y in batches((2, 5, 5), 3):
+            eng.step(x, y)
+            assert torch.get_num_threads() == before
+        runs[n] = eng
+    torch.testing.assert_close(runs[3].w, runs[1].w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(runs[3].b, runs[1].b, atol=1e-6, rtol=1e-6)
+    runs[3].close()
+
+
+def test_one_batch_csgd_equals_the_per_worker_gradients_averaged():
+    topo = make_topology("complete", M)
+    kw = dict(lr=0.1, algorithm="csgd", optimizer=SGD(momentum=0.9))
+    fast, apart = Engine(mlp(), topo, **kw), Engine(mlp(), topo, **kw)
+    assert isinstance(fast.backend, OneBatchBackend)
+    apart.backend = VmapBackend(objective(apart))  # the workers' gradients, then averaged
+    for x, y in batches((5,), 5):
+        r_fast, r_apart = fast.step(x, y), apart.step(x, y)
+        torch.testing.assert_close(r_fast.loss, r_apart.loss, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r_fast.accuracy, r_apart.accuracy)
+    torch.testing.assert_close(fast.w, apart.w, atol=1e-6, rtol=1e-6)
+    # BatchNorm couples a batch's samples: its workers keep their own batches
+    assert not isinstance(Engine(convnet(), topo, **kw).backend, OneBatchBackend)
+    assert not isinstance(Engine(mlp(), make_topology("ring", M), lr=0.1).backend,
+                          OneBatchBackend)
+
+
+class Sleepy:
+    """A backend that computes like ``inner`` and takes ``delay`` seconds longer."""
+
+    def __init__(self, inner, delay, name):
+        self.inner, self.delay, self.name = inner, delay, name
+
+    def gradients(self, w, buffers, x, y):
+        time.sleep(self.delay)
+        return self.inner.gradients(w, buffers, x, y)
+
+    def close(self):
+        pass
+
+
+def test_auto_keeps_the_default_unless_another_is_clearly_faster():
+    eng = Engine(mlp(), make_topology("ring", M), lr=0.1, strategy="loop")
+    ob = objective(eng)
+    x, y = batches((5,), 1)[0]
+    slow_default = AutoBackend({"fast": lambda: Sleepy(VmapBackend(ob), 0.0, "fast"),
+                                "slow": lambda: Sleepy(VmapBackend(ob), 0.03, "slow")},
+                               default="slow")
+    slow_default.gradients(eng.w, {}, x, y)
+    assert slow_default.name == "fast"
+    assert "fast" in slow_default.reason and "slow" in slow_default.reason
+    close = AutoBackend({"a": lambda: Sleepy(VmapBackend(ob), 0.010, "a"),
+                         "b": lambda: Sleepy(VmapBackend(ob), 0.011, "b")}, default="b")
+    close.gradients(eng.w, {}, x, y)
+    assert close.name == "b"  # within the margin: the default stays, runs stay repeatable
+
+
+def test_auto_choice_is_checkpointed_and_the_probe_changes_nothing():
+    topo = make_topology("ring", M)
+    data = batches((2, 5, 5), 4)
+    auto = Engine(convnet(), topo, lr=0.1, optimizer=SGD(momentum=0.9))
+    explicit = Engine(convnet(), topo, lr=0.1, optimizer=SGD(momentum=0.9))
+    auto.step(*data[0])
+    chosen = auto.backend.name
+    assert chosen in ("vmap", "loop") and chosen in auto.backend.reason
+    explicit.backend = (VmapBackend if chosen == "vmap" else LoopBackend)(objective(explicit))
+    explicit.step(*data[0])
+    # the timing runs discarded their results: same weights and BatchNorm statistics
+    assert torch.equal(auto.w, explicit.w) and torch.equal(auto.b, explicit.b)
+    resumed = Engine(convnet(), topo, lr=0.1, optimizer=SGD(momentum=0.9))
+    resumed.load_state_dict(auto.state_dict())
+    assert resumed.backend.name == chosen  # no new timing: the same numbers as before
+    for x, y in data[1:]:
+        auto.step(x, y)
+        resumed.step(x, y)
+    assert torch.equal(auto.w, resumed.w)
+
+
+def test_default_strategy_by_model_kind():
+    assert default_strategy(mlp(), 16, "cpu") == "vmap"
+    assert default_strategy(convnet(), 16, "cpu") == "loop"
+    assert default_strategy(nn.LSTM(4, 4), 16, "cpu") == "loop"
+    assert default_strategy(nn.TransformerEncoderLayer(8, 2), 16, "cpu") == "loop"
+    assert default_strategy(mlp(), 1, "cpu") == "loop"
+
+
+# ---- random ops ----------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [VmapBackend, LoopBackend])
+def test_dropout_masks_differ_between_workers_in_train_mode_only(make):
+    eng = Engine(mlp(dropout=0.5), make_topology("ring", M), lr=0.1)
+    backend = make(objective(eng))
+    x, y = batches((5,), 1, m=1)[0]
+    x, y = x.expand(M, -1, -1), y.expand(M, -1)  # equal weights, equal batch
+    eng.model.train()
+    grads, _, _ = backend.gradients(eng.w, {}, x, y)
+    assert all(not torch.equal(grads[0], grads[j]) for j in range(1, M))
+    eng.model.eval()
+    grads, _, _ = backend.gradients(eng.w, {}, x, y)
+    assert all(torch.equal(grads[0], grads[j]) for j in range(1, M))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_dropout_runs_are_reproducible_from_the_seed_and_resume_bit_identically(strategy,
+                                                                                 tmp_path):
+    topo = make_topology("ring", M)
+    data = batches((5,), 8)
+
+    def engine(seed=0):
+        return Engine(mlp(dropout=0.3), topo, lr=0.2, strategy=strategy, seed=seed,
+                      optimizer=SGD(momentum=0.9))
+
+    whole, again, other = engine(), engine(), engine(seed=1)
+    losses = []
+    for x, y in data:
+        losses.append(whole.step(x, y).loss.mean())
+        again.step(x, y)
+        other.step(x, y)
+    assert torch.equal(whole.w, again.w) and not torch.equal(whole.w, other.w)
+    assert losses[-1] < losses[0]
+    first = engine()
+    for x, y in data[:4]:
+        first.step(x, y)
+    torch.manual_seed(123)  # the global generator does not matter
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    resumed = engine()
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    for x, y in data[4:]:
+        resumed.step(x, y)
+    assert torch.equal(resumed.w, whole.w)
+
+
+def test_the_engine_leaves_the_global_generator_alone():
+    eng = Engine(mlp(dropout=0.5), make_topology("ring", M), lr=0.1)
+    state = torch.get_rng_state()
+    eng.step(*batches((5,), 1)[0])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- input checks ----------------------------------------------------------------------------
+def test_step_rejects_batches_that_do_not_fit():
+    eng = Engine(mlp(), make_topology("ring", M), lr=0.1)
+    x, y = batches((5,), 1)[0]
+    with pytest.raises(BatchError, match=r"hosts 6 workers: give x of shape \(6, B, \.\.\.\)"):
+        eng.step(x[:4], y[:4])
+    with pytest.raises(BatchError, match=r"y must have shape \(6, 8, \.\.\.\)"):
+        eng.step(x, y[:, :5])
+    with pytest.raises(BatchError, match=r"pass y.long\(\)"):
+        eng.step(x, y.float())
+    mse = Engine(mlp(), make_topology("ring", M), lr=0.1, loss=nn.functional.mse_loss)
+    with pytest.raises(BatchError, match=r"pass y.float\(\)"):
+        mse.step(x, torch.zeros(M, 8, 3, dtype=torch.long))
+    assert issubclass(BatchError, UserError)
+    assert torch.equal(eng.w, Engine(mlp(), make_topology("ring", M), lr=0.1).w)  # untouched
