@@ -140,7 +140,11 @@ def _build_runner(model_name: str, m: int, method: str, device: str, image: int 
     else:
         topo = make_topology(topology, m)
     eng = Engine(model, topo, lr=0.01, strategy=strategy, algorithm=algorithm, compile=compiled)
-    return lambda: eng.step(x, y)
+
+    def engine_step():
+        return eng.step(x, y)
+    engine_step.engine = eng  # type: ignore[attr-defined]  # what auto picked, for the tables
+    return engine_step
 
 
 def _too_slow(signum, frame):
@@ -249,9 +253,10 @@ def _device_line(device: str) -> str:
 
 # ---- tables ------------------------------------------------------------------------------------
 def _auto_strategy(model_name: str, device: str, m: int) -> str:
-    from dsgd.engine.engine import auto_strategy
+    """The backend ``auto`` keeps unless the timing at the first step finds another faster."""
+    from dsgd.engine.backends import default_strategy
     from dsgd.models import build_model
-    return auto_strategy(build_model(model_name, 10, SHAPES[model_name]), m, device)
+    return default_strategy(build_model(model_name, 10, SHAPES[model_name]), m, device)
 
 
 def _fmt(r: dict | None, key: str, spec: str) -> str:
@@ -392,7 +397,7 @@ def prototype(models: list[str], workers: list[int], repeats: int) -> None:
             w_ref = engines["auto"].w
             for k in ("sparse", "shift", "shift+fused"):
                 assert torch.allclose(engines[k].w, w_ref, atol=1e-5), k
-            print(f"| {name:<8} | {m:>4} | {engines['auto'].strategy:>8} | {ms['auto']:8.1f} | "
+            print(f"| {name:<8} | {m:>4} | {engines['auto'].backend.name:>8} | {ms['auto']:8.1f} | "
                   f"{ms['sparse']:8.1f} | {ms['shift']:8.1f} | {ms['shift+fused']:11.1f} | "
                   f"{ms['b']:8.1f} | {ms['auto'] / ms['shift+fused']:5.2f} | "
                   f"{ms['b'] / ms['auto']:10.2f} | {ms['b'] / ms['shift+fused']:9.2f} |",
@@ -415,10 +420,10 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
             + " | " + " | ".join(f"{n + '/b':>{wid[n]}}" for n in names[:-1]) + " |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    picks = []
     for model in models:
         for m in workers:
-            steps = {n: _build_runner(model, m, _auto_strategy(model, device, m)
-                                      if n == "auto" else n, device) for n in names}
+            steps = {n: _build_runner(model, m, n, device) for n in names}
             for f in steps.values():
                 f()
                 f()
@@ -435,6 +440,8 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
                   + " | ".join(f"{ms[n]:{wid[n]}.2f}" for n in names) + " | "
                   + " | ".join(f"{ms['csgd1'] / ms[n]:{wid[n]}.2f}" for n in names[:-1])
                   + " |", flush=True)
+            picks.append(f"{model} m={m}: {steps['auto'].engine.backend.reason}")
+    print("\n".join(picks))
 
 
 # ---- the paper's run, projected (GPU) ----------------------------------------------------------

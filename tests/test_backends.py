@@ -249,3 +249,18 @@ def test_step_rejects_batches_that_do_not_fit():
         mse.step(x, torch.zeros(M, 8, 3, dtype=torch.long))
     assert issubclass(BatchError, UserError)
     assert torch.equal(eng.w, Engine(mlp(), make_topology("ring", M), lr=0.1).w)  # untouched
+
+
+@pytest.mark.slow
+def test_cli_trains_alexnet_with_dropout_under_vmap(tmp_path):
+    from cli_helpers import dsgd_cli, sets
+
+    out = tmp_path / "alex"
+    res = dsgd_cli("train", *sets("data.image_size=32", "model.name=alexnet_micro",
+                                  "model.options={dropout=0.5}", "train.strategy=vmap",
+                                  "train.steps=4", "log.eval_every=2"),
+                   "--out", str(out), timeout=300)
+    assert res.returncode == 0, res.stderr
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 4

@@ -260,20 +260,12 @@ class Engine:
         return x, y
 
     def _check_finite(self, loss: Tensor, t: int, lr: float) -> None:
-        finite = bool(torch.isfinite(loss).all())
-        if len(self.comm.workers) != self.m:  # under torchrun every rank stops together
-            finite_everywhere = bool(self.comm.agree_min(int(finite)))
-        else:
-            finite_everywhere = finite
-        if finite_everywhere:
+        finite = torch.isfinite(loss)
+        if bool(finite.all()):
             return
-        advice = f"lower the learning rate (now {lr:g}) or add warmup"
-        if finite:
-            raise TrainingDiverged(f"loss is not finite at step {t} on another process's "
-                                   f"worker(s): {advice}")
-        bad = [self.comm.workers[j] for j in torch.nonzero(~torch.isfinite(loss)).flatten()]
-        raise TrainingDiverged(f"loss is {loss[~torch.isfinite(loss)][0].item()} at step {t} "
-                               f"on worker(s) {bad[:8]}: {advice}")
+        bad = [self.comm.workers[j] for j in torch.nonzero(~finite).flatten()]
+        raise TrainingDiverged(f"loss is {loss[~finite][0].item()} at step {t} on worker(s) "
+                               f"{bad[:8]}: lower the learning rate (now {lr:g}) or add warmup")
 
     def _apply_rule(self, grads: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Hand the gradient to a SAM-family rule, which may evaluate more gradients (at other

@@ -63,7 +63,7 @@ def measure(engine, dataset, log, seed: int = 0) -> dict[str, float]:
                    residual_2nd=dec.res_2nd)
     if "uncertainty" in log.instruments:
         k = UNCERTAINTY_TEST_SAMPLES
-        res = evaluate_uncertainty(engine.model, stacked, engine.buffers,
+        res = evaluate_uncertainty(engine.model, stacked, engine.worker_buffers,
                                    dataset.x_test[:k].to(device), dataset.y_test[:k],
                                    num_samples=8, generator=gen)
         for kind, metrics in res.items():

@@ -244,10 +244,10 @@ def uncertainty(setup, scale: Scale, seed: int = 0) -> dict[str, Any]:
     k = min(scale.uncertainty_samples, len(ds.y_test))
     x, y = ds.x_test[:k].to(e.w.device), ds.y_test[:k].to(e.w.device)
     gen = torch.Generator().manual_seed(seed)
-    probs = {"averaged": averaged_probs(e.model, e.params, e.buffers, x),
-             "ensemble": ensemble_probs(e.model, e.params, e.buffers, x),
+    probs = {"averaged": averaged_probs(e.model, e.params, e.worker_buffers, x),
+             "ensemble": ensemble_probs(e.model, e.params, e.worker_buffers, x),
              "posterior": posterior_probs(e.model, e.params, x, scale.posterior_draws, gen,
-                                          stacked_buffers=e.buffers)}
+                                          stacked_buffers=e.worker_buffers)}
     out: dict[str, Any] = {}
     for kind, p in probs.items():
         conf, acc, count = reliability_curve(p, y)
