@@ -52,7 +52,8 @@ class Tokens(nn.Module):
 
 
 MODELS = {  # name: (factory, one worker's batch of inputs)
-    "mlp": (lambda: build_model("mlp", 10, (1, 28, 28)), lambda m: torch.randn(m, BATCH, 1, 28, 28)),
+    "mlp": (lambda: build_model("mlp", 10, (1, 28, 28)),
+            lambda m: torch.randn(m, BATCH, 1, 28, 28)),
     "lenet5": (lambda: build_model("lenet5", 10, (1, 28, 28)),
                lambda m: torch.randn(m, BATCH, 1, 28, 28)),
     "resnet8": (lambda: build_model("resnet8", 10, (3, 32, 32)),

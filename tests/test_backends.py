@@ -142,13 +142,13 @@ def test_auto_keeps_the_default_unless_another_is_clearly_faster():
     ob = objective(eng)
     x, y = batches((5,), 1)[0]
     slow_default = AutoBackend({"fast": lambda: Sleepy(VmapBackend(ob), 0.0, "fast"),
-                                "slow": lambda: Sleepy(VmapBackend(ob), 0.03, "slow")},
+                                "slow": lambda: Sleepy(VmapBackend(ob), 0.06, "slow")},
                                default="slow")
     slow_default.gradients(eng.w, {}, x, y)
     assert slow_default.name == "fast"
     assert "fast" in slow_default.reason and "slow" in slow_default.reason
-    close = AutoBackend({"a": lambda: Sleepy(VmapBackend(ob), 0.010, "a"),
-                         "b": lambda: Sleepy(VmapBackend(ob), 0.011, "b")}, default="b")
+    close = AutoBackend({"a": lambda: Sleepy(VmapBackend(ob), 0.100, "a"),
+                         "b": lambda: Sleepy(VmapBackend(ob), 0.102, "b")}, default="b")
     close.gradients(eng.w, {}, x, y)
     assert close.name == "b"  # within the margin: the default stays, runs stay repeatable
 

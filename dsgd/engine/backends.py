@@ -27,6 +27,7 @@ dropout draws nothing and BatchNorm uses its running statistics.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -247,13 +248,15 @@ class OutOfMemoryFallback:
 
 
 class AutoBackend:
-    """Times each candidate on the first batch it is given (one untimed call, then the best of
-    two timed ones; results discarded, buffers and random numbers untouched) and keeps one for
-    the run. The candidate named ``default`` is kept unless another is more than ``margin`` times
-    faster and the step is long enough (``floor_s``) for the difference to matter, so that a run
-    repeated on the same machine picks the same backend and computes the same numbers.
-    ``reason`` says what was measured; ``select(name)`` skips the timing (a resumed run keeps
-    its checkpoint's choice)."""
+    """Times each candidate on the first batch it is given (a warm-up call, then the median of
+    three calls interleaved with the other candidates'; results discarded, buffers and random
+    numbers untouched) and keeps one for the run, as ``torch.backends.cudnn.benchmark`` does
+    for convolution algorithms. The candidate named ``default`` is kept unless another is more
+    than ``margin`` times faster and the step is long enough (``floor_s``) for the difference
+    to matter, so that a run repeated on the same machine usually picks the same backend;
+    timings vary with the machine's load, and two backends round differently, so a run that
+    must repeat bit for bit names its strategy. ``reason`` says what was measured;
+    ``select(name)`` skips the timing (a resumed run keeps its checkpoint's choice)."""
 
     def __init__(self, candidates: dict[str, Callable[[], Backend]], default: str,
                  margin: float = 1.15, floor_s: float = 0.02):
@@ -281,16 +284,23 @@ class AutoBackend:
         return self.chosen.gradients(w, buffers, x, y)
 
     def _choose(self, w: Tensor, buffers: Params, x: Tensor, y: Tensor) -> None:
-        times: dict[str, float] = {}
-        built: dict[str, Backend] = {}
+        built = {name: make() for name, make in self.candidates.items()}
+        samples: dict[str, list[float]] = {name: [] for name in built}
         devices = [w.device] if w.device.type == "cuda" else []
-        for name, make in self.candidates.items():
-            backend = built[name] = make()
-            try:
-                with torch.random.fork_rng(devices=devices):
-                    times[name] = _time(backend, w, buffers, x, y)
-            except torch.OutOfMemoryError:
-                times[name] = float("inf")
+        with torch.random.fork_rng(devices=devices):
+            for rnd in range(4):  # a warm-up round, then rounds with the candidates alternating
+                for name, backend in built.items():
+                    if samples[name] and samples[name][-1] == float("inf"):
+                        continue
+                    try:
+                        took = _time(backend, w, buffers, x, y)
+                    except torch.OutOfMemoryError:
+                        took = float("inf")
+                    if rnd or took == float("inf"):
+                        samples[name].append(took)
+                if rnd and min(min(v) for v in samples.values()) > 0.5:
+                    break  # slow steps: one timed round is enough
+        times = {name: statistics.median(v) for name, v in samples.items()}
         best = min(times, key=times.__getitem__)
         keep = self.default if self.default in times else best
         if times[keep] > self.margin * times[best] and times[keep] > self.floor_s:
@@ -309,18 +319,15 @@ class AutoBackend:
 
 
 def _time(backend: Backend, w: Tensor, buffers: Params, x: Tensor, y: Tensor) -> float:
-    def once() -> float:
-        own = {n: v.clone() for n, v in buffers.items()}
-        if w.is_cuda:
-            torch.cuda.synchronize(w.device)
-        start = time.perf_counter()
-        backend.gradients(w, own, x, y)
-        if w.is_cuda:
-            torch.cuda.synchronize(w.device)
-        return time.perf_counter() - start
-
-    first = once()  # warm-up: lazy initialisation, thread pools, allocator
-    return min(once(), once()) if first < 0.5 else once()
+    """Seconds of one call, on copies of the buffers."""
+    own = {n: v.clone() for n, v in buffers.items()}
+    if w.is_cuda:
+        torch.cuda.synchronize(w.device)
+    start = time.perf_counter()
+    backend.gradients(w, own, x, y)
+    if w.is_cuda:
+        torch.cuda.synchronize(w.device)
+    return time.perf_counter() - start
 
 
 _SEQUENTIAL = (nn.RNNBase, nn.MultiheadAttention)
