@@ -21,8 +21,8 @@ def test_sgd_equals_torch_optim_sgd(opts):
     for step in range(6):
         grads = torch.randn(3, 7, generator=g)
         lr = 0.1 * (step + 1)
-        updates, state = SGD(**opts).update({"w": grads}, state, ours, lr)
-        ours = {"w": ours["w"] - updates["w"]}
+        d, state = SGD(**opts).direction({"w": grads}, state, ours)
+        ours = {"w": ours["w"] - lr * d["w"]}
         for j, p in enumerate(ref):
             p.grad = grads[j].clone()
         for group in opt.param_groups:

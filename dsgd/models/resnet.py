@@ -16,10 +16,10 @@ recognition", CVPR 2016), in the two forms small-image experiments use.
   11,181,642 with the 7x7 stem.
 
 ``norm`` picks the normalisation after every conv: "batch" (BatchNorm2d, the papers' choice),
-"group" (GroupNorm, Wu & He 2018) or "none". BatchNorm keeps running statistics in buffers that
-gossip does not average and that a per-sample ``vmap`` cannot update; "group" and "none" are
-pure functions of parameters and input. With "group" a layer of C channels uses
-gcd(norm_groups, C) groups. With "none" convs get a bias in place of the norm's shift.
+"group" (GroupNorm, Wu & He 2018) or "none". BatchNorm keeps running statistics in buffers
+(the engine gossips them like the weights, or keeps them per worker) and couples the samples of
+a batch; "group" and "none" are pure functions of parameters and input. With "group" a layer
+of C channels uses gcd(norm_groups, C) groups. With "none" convs get a bias in place of the norm's shift.
 
 Every model ends with adaptive average pooling, so any input size works (28, 32, 56, 64, ...).
 Init as torchvision: Kaiming-normal (fan_out) convs, norm weight 1 and bias 0, default Linear.

@@ -62,10 +62,3 @@ class SGD:
         else:
             d = g
         return dict(zip(names, d)), state
-
-    def update(self, grads: Stacked, state: SGDState, params: Stacked, lr: float
-               ) -> tuple[Stacked, SGDState]:
-        """Return ``(updates, state)`` with ``updates = lr * d``: the new weights are
-        ``w - updates`` (before gossip)."""
-        d, state = self.direction(grads, state, params)
-        return {k: lr * v for k, v in d.items()}, state
