@@ -19,7 +19,8 @@ recognition", CVPR 2016), in the two forms small-image experiments use.
 "group" (GroupNorm, Wu & He 2018) or "none". BatchNorm keeps running statistics in buffers
 (the engine gossips them like the weights, or keeps them per worker) and couples the samples of
 a batch; "group" and "none" are pure functions of parameters and input. With "group" a layer
-of C channels uses gcd(norm_groups, C) groups. With "none" convs get a bias in place of the norm's shift.
+of C channels uses gcd(norm_groups, C) groups. With "none" convs get a bias in place of the
+norm's shift.
 
 Every model ends with adaptive average pooling, so any input size works (28, 32, 56, 64, ...).
 Init as torchvision: Kaiming-normal (fan_out) convs, norm weight 1 and bias 0, default Linear.
