@@ -26,20 +26,24 @@ class ConfigError(UserError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic
+    # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic, or your own
+    # "package.module:factory" returning (train, test) Datasets
     name: str = "fashion-mnist"
     dir: str | None = None  # where a file-based data set lives (default /usr/share/datasets/<name>)
     n_train: int | None = None  # keep the first N training samples (None: all)
-    n_test: int | None = None
+    n_test: int | None = None  # keep the first N test samples (None: all)
     image_size: int | None = None  # resize images to S x S (the paper: 56 for CIFAR)
-    partition: str = "iid"  # iid (seeded shuffle into equal shards, as the paper) | dirichlet
+    # iid (seeded shuffle into equal shards, as the paper) | dirichlet | shards
+    partition: str = "iid"
     alpha: float = 1.0  # Dirichlet concentration (smaller: more label skew)
+    shards_per_worker: int = 2  # shards: label-sorted shards per worker (at most that many classes)
     augment: bool = False  # random crop (pad 4) + horizontal flip
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the data factory
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "lenet5"
+    name: str = "lenet5"  # a built-in model (see dsgd config), or your own "package.module:factory"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model factory
 
 
@@ -147,7 +151,7 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Semantic checks with one-line messages; returns cfg."""
-    from dsgd.data import DATASETS
+    from dsgd.data import DATASETS, PARTITIONS
     from dsgd.models import MODELS
     from dsgd.topology import NAMES as TOPOLOGIES
 
@@ -161,12 +165,16 @@ def validate(cfg: Config) -> Config:
                                     f"got {t.algorithm!r}")
     need(t.topology in TOPOLOGIES, f"unknown topology {t.topology!r} (train.topology); choose "
                                    f"one of {', '.join(TOPOLOGIES)}")
-    need(cfg.model.name.lower() in MODELS, f"unknown model {cfg.model.name!r} (model.name); "
-                                           f"choose one of {', '.join(sorted(MODELS))}")
-    need(d.name in DATASETS, f"unknown dataset {d.name!r} (data.name); choose one of "
-                             f"{', '.join(DATASETS)}")
-    need(d.partition in ("iid", "dirichlet"), f"data.partition must be iid or dirichlet, "
-                                              f"got {d.partition!r}")
+    need(":" in cfg.model.name or cfg.model.name.lower() in MODELS,
+         f"unknown model {cfg.model.name!r} (model.name); choose one of "
+         f"{', '.join(sorted(MODELS))} or name your own as \"package.module:factory\"")
+    need(":" in d.name or d.name in DATASETS,
+         f"unknown dataset {d.name!r} (data.name); choose one of {', '.join(DATASETS)} or name "
+         "your own as \"package.module:factory\"")
+    need(d.partition in PARTITIONS, f"data.partition must be one of {', '.join(PARTITIONS)}, "
+                                    f"got {d.partition!r}")
+    need(d.shards_per_worker >= 1, f"data.shards_per_worker must be >= 1, got "
+                                   f"{d.shards_per_worker}")
     need(d.alpha > 0, f"data.alpha must be > 0, got {d.alpha}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
