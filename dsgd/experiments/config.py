@@ -50,19 +50,19 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     algorithm: str = "dsgd"  # dsgd | csgd
-    topology: str = "ring"
+    topology: str = "ring"  # the mixing graph: ring | grid | torus | exponential | ...
     shuffle_topology: bool = False  # P' = Pi^T P Pi with a fresh permutation every step
-    workers: int = 16
+    workers: int = 16  # m, the number of D-SGD workers
     batch_size: int = 32  # per worker; the total batch is workers * batch_size
-    steps: int = 1000
+    steps: int = 1000  # training iterations (every worker takes one step each)
     lr: float = 0.1  # peak learning rate (scale it linearly with the total batch yourself)
     schedule: str = "multistep"  # multistep | cosine | constant
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     milestones: list[int] = field(default_factory=list)  # steps where lr *= gamma
-    gamma: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    gamma: float = 0.1  # multistep: the lr factor at each milestone
+    momentum: float = 0.0  # SGD momentum (torch.optim.SGD's rule, per worker)
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
+    weight_decay: float = 0.0  # L2 penalty, taken at the worker's pre-gossip weights
     gossip_every: int = 1  # > 1: local SGD, gossip every tau steps
     buffers: str = "gossip"  # BatchNorm statistics: gossip (mixed like weights) | local
     strategy: str = "auto"  # how the workers' gradients are computed: auto | vmap | loop
@@ -72,14 +72,14 @@ class TrainConfig:
     rho: float = 0.05  # SAM/ASAM radius
     sigma: float = 0.01  # avg_sam: eps ~ N(0, sigma^2 I)
     samples: int = 2  # avg_sam: Monte-Carlo samples per step
-    seed: int = 0
+    seed: int = 0  # seeds the model's initialization, the partition, shuffles and augmentation
 
 
 @dataclass(frozen=True)
 class LogConfig:
     eval_every: int = 100  # steps between evaluations (a JSON line in metrics.jsonl)
     checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # test samples per forward pass when evaluating
     progress: bool = True  # progress bar
     tensorboard: bool = False  # also write TensorBoard events to <out>/tensorboard
     # costly measurements at eval time: hessian (trace, top eigenvalue, Tr(H Xi)),
@@ -90,8 +90,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    device: str = "cpu"
+    name: str = "run"  # the run's name (the default run directory is runs/<name>)
+    device: str = "cpu"  # cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
