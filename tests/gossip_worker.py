@@ -3,13 +3,15 @@ configs. ``torchrun --standalone --nproc-per-node=4 tests/gossip_worker.py CONFI
 
 Every rank builds the same model, reads its own row of the shared (m, B, 5) batches through a
 plain DataLoader, trains with torch.optim.SGD and writes ``OUT/<name>.rank<r>.pt`` with its
-final weights, float buffers, consensus distance and averaged state.
+final weights, float buffers, consensus distance and averaged state. A config may make one
+rank hang at one step (``"hang": {"rank": 1, "step": 5}``) to see the others give up.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,8 +37,12 @@ def run(cfg: dict, out: Path, rank: int, world: int) -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=len(data[0][1][0]), shuffle=False)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg.get("momentum", 0.0))
     gossip = dsgd.Gossip(model, topology=cfg["topology"], algorithm=cfg.get("algorithm", "dsgd"),
-                         gossip_every=cfg.get("gossip_every", 1), timeout_s=60)
+                         gossip_every=cfg.get("gossip_every", 1),
+                         timeout_s=cfg.get("timeout_s", 60))
+    hang = cfg.get("hang") or {}  # {"rank": r, "step": t}: that rank stops responding there
     for xb, yb in loader:
+        if hang.get("rank") == rank and hang.get("step") == gossip.step_count:
+            time.sleep(3600)
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()

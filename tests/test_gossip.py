@@ -4,6 +4,8 @@ batches: one torchrun job of 4 processes runs every config."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,15 +43,20 @@ for _c in CONFIGS:
     _c.update(steps=STEPS, lr=0.2)
 
 
+def launch(configs: list[dict], out: Path, timeout: int = 150) -> subprocess.CompletedProcess:
+    spec = out / "configs.json"
+    spec.write_text(json.dumps(configs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", WORKER, str(spec), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("gossip")
-    spec = out / "configs.json"
-    spec.write_text(json.dumps(CONFIGS))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={WORLD}", WORKER, str(spec), str(out)]
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=150)
+    run = launch(CONFIGS, out)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     return {c["name"]: [torch.load(out / f"{c['name']}.rank{r}.pt") for r in range(WORLD)]
             for c in CONFIGS}
@@ -102,5 +109,44 @@ def test_gossip_needs_a_process_group_of_its_size(monkeypatch):
         gossip.step()  # one worker: mixing leaves it as it is
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
         assert gossip.consensus_distance() == 0.0 and gossip.state_dict() == {"step": 1}
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+def test_a_hung_peer_ends_the_others_with_one_line(tmp_path):
+    cfg = {**CONFIGS[0], "name": "hang", "timeout_s": 5, "hang": {"rank": 1, "step": 5}}
+    run = launch([cfg], tmp_path, timeout=120)
+    assert run.returncode != 0
+    lines = re.findall(r"^dsgd: error: .*$", run.stderr, flags=re.M)
+    # ranks 0 and 2 wait on rank 1; rank 3 loses them in turn
+    assert len(lines) == 3, run.stderr[-3000:]
+    for line in lines:
+        assert re.fullmatch(r"dsgd: error: worker process \d \(or a peer\) stopped responding "
+                            r"during gossip at step \d after [\d.]+ s \((timed out|connection "
+                            r"lost), rank \d of 4\); restart the job from your last checkpoint",
+                            line), line
+    assert "exitcode: 2" in run.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(),
+                    reason="needs a CUDA GPU and nccl")
+def test_gossip_on_cuda_with_nccl(monkeypatch):
+    """One process on one GPU (nccl needs a GPU per process): the flat exchange runs on CUDA
+    tensors and leaves a single worker's weights as they are."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        model = mlp(batchnorm=True).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        gossip = dsgd.Gossip(model, "complete")
+        x, y = batches(1, 1)[0]
+        torch.nn.functional.cross_entropy(model(x[0].cuda()), y[0].cuda()).backward()
+        expected = [p.detach() - 0.1 * p.grad for p in model.parameters()]
+        gossip.step(opt)
+        for p, e in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p, e)
+        assert gossip.consensus_distance() == 0.0
     finally:
         shutdown()
