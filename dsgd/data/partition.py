@@ -52,3 +52,54 @@ def dirichlet(labels: Tensor, m: int, alpha: float, seed: int) -> list[Tensor]:
         counts[j] += 1
     order = np.argsort(owner, kind="stable")  # indices grouped by worker, sorted within
     return list(torch.from_numpy(order).split(counts.tolist()))
+
+
+def shards(labels: Tensor, m: int, shards_per_worker: int, seed: int) -> list[Tensor]:
+    """Pathological non-iid split (McMahan et al. 2017, "k classes per worker"): the samples
+    sorted by label (ties in a seeded random order) are cut into m * shards_per_worker equal
+    shards of n // (m * shards_per_worker), and every worker gets shards_per_worker of them,
+    dealt by a seeded permutation. A worker then holds at most shards_per_worker classes when
+    every class fills whole shards; the remainder n mod (m * k) is dropped.
+
+    labels: (N,) int. Returns m tensors of sorted int64 indices, each (k * (n // (m * k)),).
+    """
+    labels = torch.as_tensor(labels).reshape(-1)
+    n, k = len(labels), int(shards_per_worker)
+    if k < 1:
+        raise UserError(f"shards_per_worker must be >= 1, got {shards_per_worker}")
+    if m < 1 or n < m * k:
+        raise UserError(f"cannot cut {n} samples into {m} workers x {k} shards; need "
+                        "workers * shards_per_worker <= samples")
+    g = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(n, generator=g)  # random order within each class
+    by_label = shuffled[labels[shuffled].argsort(stable=True)]  # (n,) grouped by label
+    size = n // (m * k)
+    cut = by_label[: m * k * size].view(m * k, size)  # (m * k, size) shards, label-contiguous
+    deal = torch.randperm(m * k, generator=g).view(m, k)  # (m, k) shard ids of each worker
+    return [cut[deal[j]].reshape(-1).sort().values for j in range(m)]
+
+
+PARTITIONS = ("iid", "dirichlet", "shards")
+
+
+def partition(
+    name: str,
+    n: int,
+    labels,
+    m: int,
+    *,
+    alpha: float = 1.0,
+    shards_per_worker: int = 2,
+    seed: int = 0,
+) -> list[Tensor]:
+    """The partition ``name`` (one of PARTITIONS) of n samples among m workers. ``labels`` is
+    the (N,) label tensor, or a function returning it: the iid split never asks for it, so a
+    Dataset's labels are read only when the partition needs them."""
+    if name == "iid":
+        return iid(n, m, seed=seed)
+    if name not in PARTITIONS:
+        raise UserError(f"unknown partition {name!r}; choose one of {', '.join(PARTITIONS)}")
+    y = labels() if callable(labels) else labels
+    if name == "dirichlet":
+        return dirichlet(y, m, alpha=alpha, seed=seed)
+    return shards(y, m, shards_per_worker, seed=seed)

@@ -2,6 +2,12 @@
 
 Two datasets are generated rather than read: "mnist1d" (Greydanus 2020, via the `mnist1d`
 package, no download) and "synthetic" (seeded Gaussian clusters, for tests and benchmarks).
+
+A name ``"package.module:factory"`` (``data.name`` in a config, see ``dsgd.importing``) names
+the user's own function returning ``(train, test)``: two map-style Datasets (``ds[i] ->
+(x, y)``) or two ``(x, y)`` tensor pairs, or a ``dsgd.data.Dataset``. Its options are passed as
+keyword arguments (``data_dir=`` too, when it names that parameter and ``data.dir`` is set),
+and the result is read into memory by ``as_dataset``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from dsgd.data.dataset import Dataset, first, resize
 from dsgd.data.readers import read_cifar10, read_cifar100, read_fashion_mnist, read_tiny_imagenet
 from dsgd.errors import UserError
+from dsgd.importing import import_object, is_import_name
 
 
 def make_synthetic(
@@ -134,6 +141,8 @@ def load_dataset(
     Other keywords go to the dataset (e.g. seed, num_samples for mnist1d; shape, num_classes,
     seed for synthetic). Returns a Dataset; x is (N, *sample_shape) float32, y is (N,) int64.
     """
+    if is_import_name(name):
+        return _load_imported(name, data_dir, n_train, n_test, image_size, kw)
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     loader, reads_files = DATASETS[name]
@@ -151,3 +160,77 @@ def load_dataset(
     if not os.path.isdir(data_dir):
         raise UserError(f"{name} data directory {data_dir} does not exist; pass --data-dir")
     return loader(data_dir, **options)
+
+
+def _tensors(split, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (x (N, *sample_shape), y (N,) int64): a pair of tensors as it is, a
+    map-style Dataset read once, in order, 1024 samples at a time."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if isinstance(split, TensorDataset) and len(split.tensors) == 2:
+        split = split.tensors
+    if isinstance(split, tuple | list) and len(split) == 2 and all(
+            isinstance(t, torch.Tensor) for t in split):
+        x, y = split
+    elif hasattr(split, "__getitem__") and hasattr(split, "__len__"):
+        if len(split) == 0:
+            raise UserError(f"the {what} set is empty")
+        from dsgd.data.split import collate
+
+        parts = [collate(chunk, 1, len(chunk)) for chunk in
+                 DataLoader(split, batch_size=1024, collate_fn=list)]
+        x, y = (torch.cat([p[i][0] for p in parts]) for i in (0, 1))
+    else:
+        raise UserError(f"the {what} set must be a map-style Dataset or (x, y) tensors, got "
+                        f"{type(split).__name__}")
+    if len(x) != len(y) or y.ndim != 1 or y.is_floating_point():
+        raise UserError(f"the {what} set needs x (N, ...) and integer labels y (N,); got "
+                        f"{tuple(x.shape)} and {tuple(y.shape)} {y.dtype}")
+    return x, y.long()
+
+
+def as_dataset(obj, name: str) -> Dataset:
+    """A ``dsgd.data.Dataset`` from a factory's result: a Dataset as it is, or ``(train,
+    test)`` (see the module docstring). ``num_classes`` is ``len(train.classes)`` when the
+    train set has ``classes`` (torchvision's name), else the largest label + 1."""
+    if isinstance(obj, Dataset):
+        return obj
+    if not (isinstance(obj, tuple | list) and len(obj) == 2):
+        raise UserError(f"data factory {name!r} must return (train, test) Datasets, got "
+                        f"{type(obj).__name__}")
+    (x_train, y_train), (x_test, y_test) = _tensors(obj[0], "train"), _tensors(obj[1], "test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise UserError(f"data factory {name!r}: train samples are {tuple(x_train.shape[1:])}, "
+                        f"test samples {tuple(x_test.shape[1:])}; they must have one shape")
+    classes = getattr(obj[0], "classes", None)
+    num_classes = len(classes) if classes is not None else int(max(y_train.max(),
+                                                                   y_test.max())) + 1
+    if int(min(y_train.min(), y_test.min())) < 0 or int(max(y_train.max(),
+                                                            y_test.max())) >= num_classes:
+        raise UserError(f"data factory {name!r}: labels must lie in [0, {num_classes})")
+    return Dataset(x_train, y_train, x_test, y_test, num_classes, name)
+
+
+def _load_imported(spec: str, data_dir: str | None, n_train: int | None, n_test: int | None,
+                   image_size: int | None, options: dict) -> Dataset:
+    factory = import_object(spec, "data.name")
+    try:
+        named = inspect.signature(factory).parameters
+    except ValueError:
+        named = {}
+    if data_dir is not None and "data_dir" in named:
+        options = {"data_dir": data_dir, **options}
+    try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as err:
+        raise UserError(f"data {spec!r}: bad options {sorted(options)}: {err}") from None
+    except ValueError:
+        pass
+    ds = as_dataset(factory(**options), spec)
+    k_train = first(n_train, "n_train", len(ds.y_train))
+    k_test = first(n_test, "n_test", len(ds.y_test))
+    x_train, x_test = ds.x_train[:k_train], ds.x_test[:k_test]
+    if image_size is not None:
+        x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
+    return Dataset(x_train, ds.y_train[:k_train], x_test, ds.y_test[:k_test], ds.num_classes,
+                   ds.name)

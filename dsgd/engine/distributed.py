@@ -224,7 +224,7 @@ class TorchDistributedCommunicator:
     """
 
     def __init__(self, topology: Topology, *, timeout_s: float = 60, group=None,
-                 checkpoint_dir: str | os.PathLike | None = None):
+                 checkpoint_dir: str | os.PathLike | None = None, advice: str | None = None):
         if not dist.is_initialized():
             raise DistributedSetupError(
                 "torch.distributed is not initialized: call init_from_env() first (under torchrun)")
@@ -241,6 +241,7 @@ class TorchDistributedCommunicator:
         self.workers = range(self.rank * b, (self.rank + 1) * b)
         self.timeout_s = float(timeout_s)
         self.checkpoint_dir = checkpoint_dir
+        self.advice = advice  # what a PeerFailure tells the user to do (default: --resume)
         self.bytes_sent = 0
         self.step: int | None = None
         backend = dist.get_backend(group)
@@ -272,8 +273,9 @@ class TorchDistributedCommunicator:
         where = f" in {os.fspath(self.checkpoint_dir)}" if self.checkpoint_dir else ""
         return PeerFailure(
             f"{who} stopped responding during {what}{at} after {elapsed:.1f} s ({why}, rank "
-            f"{self.rank} of {self.world_size}); the run's checkpoints{where} are intact: "
-            "resume with --resume", peer=peer, step=self.step, elapsed_s=elapsed)
+            f"{self.rank} of {self.world_size}); "
+            + (self.advice or f"the run's checkpoints{where} are intact: resume with --resume"),
+            peer=peer, step=self.step, elapsed_s=elapsed)
 
     def _wait(self, works, peers, what: str, started: float) -> None:
         """Wait for every work, ``timeout_s`` in all from ``started`` (not per work)."""

@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--threads", type=int, help="torch threads")
     rp.add_argument("--force", action="store_true", help="--scale paper without a GPU")
     rp.set_defaults(fn=_reproduce)
+
+    from dsgd.experiments import config_doc  # `dsgd config` and the --help name lists
+
+    config_doc.add_to(sub)
     return p
 
 

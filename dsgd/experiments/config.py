@@ -26,39 +26,43 @@ class ConfigError(UserError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic
+    # fashion-mnist | mnist1d | cifar10 | cifar100 | tiny-imagenet | synthetic, or your own
+    # "package.module:factory" returning (train, test) Datasets
     name: str = "fashion-mnist"
     dir: str | None = None  # where a file-based data set lives (default /usr/share/datasets/<name>)
     n_train: int | None = None  # keep the first N training samples (None: all)
-    n_test: int | None = None
+    n_test: int | None = None  # keep the first N test samples (None: all)
     image_size: int | None = None  # resize images to S x S (the paper: 56 for CIFAR)
-    partition: str = "iid"  # iid (seeded shuffle into equal shards, as the paper) | dirichlet
+    # iid (seeded shuffle into equal shards, as the paper) | dirichlet | shards
+    partition: str = "iid"
     alpha: float = 1.0  # Dirichlet concentration (smaller: more label skew)
+    shards_per_worker: int = 2  # shards: label-sorted shards per worker (at most that many classes)
     augment: bool = False  # random crop (pad 4) + horizontal flip
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the data factory
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "lenet5"
+    name: str = "lenet5"  # a built-in model (see dsgd config), or your own "package.module:factory"
     options: dict[str, Any] = field(default_factory=dict)  # passed to the model factory
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     algorithm: str = "dsgd"  # dsgd | csgd
-    topology: str = "ring"
+    topology: str = "ring"  # the mixing graph: ring | grid | torus | exponential | ...
     shuffle_topology: bool = False  # P' = Pi^T P Pi with a fresh permutation every step
-    workers: int = 16
+    workers: int = 16  # m, the number of D-SGD workers
     batch_size: int = 32  # per worker; the total batch is workers * batch_size
-    steps: int = 1000
+    steps: int = 1000  # training iterations (every worker takes one step each)
     lr: float = 0.1  # peak learning rate (scale it linearly with the total batch yourself)
     schedule: str = "multistep"  # multistep | cosine | constant
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     milestones: list[int] = field(default_factory=list)  # steps where lr *= gamma
-    gamma: float = 0.1
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    gamma: float = 0.1  # multistep: the lr factor at each milestone
+    momentum: float = 0.0  # SGD momentum (torch.optim.SGD's rule, per worker)
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
+    weight_decay: float = 0.0  # L2 penalty, taken at the worker's pre-gossip weights
     gossip_every: int = 1  # > 1: local SGD, gossip every tau steps
     buffers: str = "gossip"  # BatchNorm statistics: gossip (mixed like weights) | local
     strategy: str = "auto"  # how the workers' gradients are computed: auto | vmap | loop
@@ -68,14 +72,14 @@ class TrainConfig:
     rho: float = 0.05  # SAM/ASAM radius
     sigma: float = 0.01  # avg_sam: eps ~ N(0, sigma^2 I)
     samples: int = 2  # avg_sam: Monte-Carlo samples per step
-    seed: int = 0
+    seed: int = 0  # seeds the model's initialization, the partition, shuffles and augmentation
 
 
 @dataclass(frozen=True)
 class LogConfig:
     eval_every: int = 100  # steps between evaluations (a JSON line in metrics.jsonl)
     checkpoint_every: int = 500  # steps between checkpoints (and always at the end)
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # test samples per forward pass when evaluating
     progress: bool = True  # progress bar
     tensorboard: bool = False  # also write TensorBoard events to <out>/tensorboard
     # costly measurements at eval time: hessian (trace, top eigenvalue, Tr(H Xi)),
@@ -86,8 +90,8 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    device: str = "cpu"
+    name: str = "run"  # the run's name (the default run directory is runs/<name>)
+    device: str = "cpu"  # cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -147,7 +151,7 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Semantic checks with one-line messages; returns cfg."""
-    from dsgd.data import DATASETS
+    from dsgd.data import DATASETS, PARTITIONS
     from dsgd.models import MODELS
     from dsgd.topology import NAMES as TOPOLOGIES
 
@@ -161,12 +165,16 @@ def validate(cfg: Config) -> Config:
                                     f"got {t.algorithm!r}")
     need(t.topology in TOPOLOGIES, f"unknown topology {t.topology!r} (train.topology); choose "
                                    f"one of {', '.join(TOPOLOGIES)}")
-    need(cfg.model.name.lower() in MODELS, f"unknown model {cfg.model.name!r} (model.name); "
-                                           f"choose one of {', '.join(sorted(MODELS))}")
-    need(d.name in DATASETS, f"unknown dataset {d.name!r} (data.name); choose one of "
-                             f"{', '.join(DATASETS)}")
-    need(d.partition in ("iid", "dirichlet"), f"data.partition must be iid or dirichlet, "
-                                              f"got {d.partition!r}")
+    need(":" in cfg.model.name or cfg.model.name.lower() in MODELS,
+         f"unknown model {cfg.model.name!r} (model.name); choose one of "
+         f"{', '.join(sorted(MODELS))} or name your own as \"package.module:factory\"")
+    need(":" in d.name or d.name in DATASETS,
+         f"unknown dataset {d.name!r} (data.name); choose one of {', '.join(DATASETS)} or name "
+         "your own as \"package.module:factory\"")
+    need(d.partition in PARTITIONS, f"data.partition must be one of {', '.join(PARTITIONS)}, "
+                                    f"got {d.partition!r}")
+    need(d.shards_per_worker >= 1, f"data.shards_per_worker must be >= 1, got "
+                                   f"{d.shards_per_worker}")
     need(d.alpha > 0, f"data.alpha must be > 0, got {d.alpha}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")

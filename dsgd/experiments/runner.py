@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import dsgd
-from dsgd.data import WorkerLoader, batches, crop_flip, dirichlet, iid, load_dataset
+from dsgd.data import WorkerLoader, batches, crop_flip, load_dataset, split
 from dsgd.engine import Engine
 from dsgd.errors import TrainingDiverged, UserError
 from dsgd.experiments import config as C
@@ -95,13 +95,11 @@ def build(cfg: C.Config, comm=None) -> Setup:
                                                    or shutil.which("clang++")):
         raise UserError("train.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); "
                         "install one or set train.compile = false")
-    ds = load_dataset(d.name, d.dir, n_train=d.n_train, n_test=d.n_test, image_size=d.image_size)
-    if d.partition == "iid":
-        parts = iid(len(ds.y_train), t.workers, seed=t.seed)
-    else:
-        parts = dirichlet(ds.y_train, t.workers, alpha=d.alpha, seed=t.seed)
-    loader = WorkerLoader(ds.x_train, ds.y_train, parts, t.batch_size, seed=t.seed,
-                          augment=crop_flip if d.augment else None)
+    ds = load_dataset(d.name, d.dir, n_train=d.n_train, n_test=d.n_test, image_size=d.image_size,
+                      **d.options)
+    loader = split(ds, t.workers, t.batch_size, partition=d.partition, alpha=d.alpha,
+                   shards_per_worker=d.shards_per_worker, seed=t.seed,
+                   augment=crop_flip if d.augment else None)
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.name, ds.num_classes, ds.sample_shape, **cfg.model.options)
     model = model.to(device)

@@ -4,7 +4,10 @@ A factory is any callable ``factory(num_classes, in_shape, **options) -> nn.Modu
 ``in_shape`` is the shape of one sample without the batch axis, e.g. ``(1, 28, 28)`` for
 Fashion-MNIST, ``(3, 32, 32)`` for CIFAR, ``(40,)`` for MNIST-1D. Built-in factories register
 themselves with ``@register_model("name")``; ``build_model`` also accepts a factory directly, so
-a user's own model needs no registration.
+a user's own model needs no registration, or its ``"package.module:factory"`` name (the form
+``model.name`` takes in a config; see ``dsgd.importing``). A factory named that way is called
+with its options as keyword arguments, plus ``num_classes=`` and ``in_shape=`` when its
+signature names those parameters, so ``"torchvision.models:resnet18"`` works as it is.
 
 Every model here is written for the engine, which stacks m copies' parameters and calls
 ``torch.func.functional_call``, often under ``torch.func.vmap(torch.func.grad(...))``:
@@ -20,6 +23,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from dsgd.errors import UserError
+from dsgd.importing import import_object, is_import_name
 
 ModelFactory = Callable[..., nn.Module]  # (num_classes, in_shape, **options) -> nn.Module
 
@@ -47,6 +51,8 @@ def build_model(
     ``in_shape`` is one sample's shape, e.g. ``(3, 32, 32)`` or ``(40,)``. Options in ``kwargs``
     go to the factory; an option the factory does not take is a ``UserError``.
     """
+    if isinstance(name, str) and is_import_name(name):
+        return _build_imported(name, num_classes, in_shape, kwargs)
     if callable(name):
         factory, label = name, getattr(name, "__name__", repr(name))
     else:
@@ -69,6 +75,29 @@ def build_model(
     model = factory(num_classes, shape, **kwargs)
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory {label!r} returned {type(model).__name__}, not nn.Module")
+    return model
+
+
+def _build_imported(spec: str, num_classes: int, in_shape: Sequence[int],
+                    options: dict[str, object]) -> nn.Module:
+    """``factory(**options)`` for ``spec = "module:factory"``, handing it ``num_classes`` and
+    ``in_shape`` as keywords where it names them (and the options do not)."""
+    factory = import_object(spec, "model.name")
+    try:
+        named = inspect.signature(factory).parameters
+    except ValueError:  # no signature available (some builtins)
+        named = {}
+    given = {"num_classes": num_classes, "in_shape": tuple(in_shape)}
+    kwargs = {k: v for k, v in given.items() if k in named and k not in options} | options
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as err:
+        raise UserError(f"model {spec!r}: bad options {sorted(options)}: {err}") from None
+    except ValueError:
+        pass
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
     return model
 
 
