@@ -77,6 +77,16 @@ def one_peer_exponential(m: int, t: int) -> MixingMatrix:
     return _circulant(m, [0, 2 ** (t % tau)])
 
 
+def directed_exponential(m: int, t: int) -> MixingMatrix:
+    """Time-varying directed exponential graph (Assran et al. 2019, Stochastic Gradient Push):
+    at step t worker i keeps half its mass and sends half to worker i + 2^(t mod log2 m).
+    Column j = i holds what worker i sends: P[i, i] = P[i + 2^k, i] = 1/2."""
+    _check_m(m)
+    if m == 1:
+        return complete(1)
+    return one_peer_exponential(m, t).T.contiguous()
+
+
 def complete(m: int) -> MixingMatrix:
     """Complete graph, 1/m everywhere: one gossip step is exact averaging (C-SGD up to numerics)."""
     _check_m(m)
@@ -85,7 +95,13 @@ def complete(m: int) -> MixingMatrix:
 
 def from_networkx(graph: nx.Graph) -> MixingMatrix:
     """Metropolis-Hastings weights on an undirected graph: P[i,j] = 1 / (1 + max(deg_i, deg_j))
-    for each edge (self counted in the degree, as the paper's grid), the rest on the diagonal."""
+    for each edge (self counted in the degree, as the paper's grid), the rest on the diagonal.
+
+    A ``networkx.DiGraph`` gives push-sum weights instead: each node splits its mass equally over
+    itself and its out-neighbours, P[j, i] = 1 / (outdeg(i) + 1) for every edge i -> j and i = j
+    (column stochastic); the graph must be strongly connected."""
+    if graph.is_directed():
+        return _push_sum_weights(graph)
     nodes = list(graph.nodes)
     index = {v: i for i, v in enumerate(nodes)}
     m = len(nodes)
@@ -98,6 +114,21 @@ def from_networkx(graph: nx.Graph) -> MixingMatrix:
         w = 1.0 / (1 + max(deg[u], deg[v]))
         P[index[u], index[v]] = P[index[v], index[u]] = w
     P[np.diag_indices(m)] = 1.0 - P.sum(axis=1)
+    return _tensor(P)
+
+
+def _push_sum_weights(graph: nx.DiGraph) -> MixingMatrix:
+    nodes = list(graph.nodes)
+    _check_m(len(nodes))
+    if not nx.is_strongly_connected(graph):
+        raise TopologyError("the directed graph is not strongly connected: push-sum needs a path "
+                            "from every node to every other")
+    index = {v: i for i, v in enumerate(nodes)}
+    P = np.zeros((len(nodes), len(nodes)))
+    for v in nodes:
+        out = [u for u in graph.successors(v) if u != v]
+        for u in [v, *out]:
+            P[index[u], index[v]] = 1.0 / (len(out) + 1)
     return _tensor(P)
 
 
@@ -156,13 +187,15 @@ def random_regular(m: int, d: int, seed: int = 0) -> MixingMatrix:
 
 
 def validate(P, name: str = "mixing matrix", atol: float = 1e-6,
-             connected: bool = True) -> MixingMatrix:
+             connected: bool = True, stochastic: str = "doubly") -> MixingMatrix:
     """Return P as a float64 tensor, or raise TopologyError saying what is wrong with it.
 
     Checks: square, finite, non-negative, rows and columns sum to 1 (doubly stochastic, so gossip
     preserves the workers' mean), and the graph of non-zero weights is connected (so consensus is
     reached). A time-varying topology need only be connected over a window of steps: pass
-    ``connected=False`` for one step and validate the window's sum.
+    ``connected=False`` for one step and validate the window's sum. ``stochastic="column"``
+    asks only that columns sum to 1 (a directed graph, for push-sum) and that the directed graph
+    be strongly connected.
     """
     P = torch.as_tensor(P, dtype=torch.float64)
     if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] == 0:
@@ -172,6 +205,16 @@ def validate(P, name: str = "mixing matrix", atol: float = 1e-6,
     if (P < -atol).any():
         raise TopologyError(f"{name} has negative weights (min {P.min().item():.3g})")
     rows, cols = P.sum(1), P.sum(0)
+    if stochastic == "column":
+        if not torch.allclose(cols, torch.ones_like(cols), atol=atol):
+            j = int((cols - 1).abs().argmax())
+            raise TopologyError(f"{name} is not column stochastic: column {j} sums to "
+                                f"{cols[j].item():.6g}, every column must sum to 1")
+        d = nx.from_numpy_array((P.T > atol).numpy().astype(int), create_using=nx.DiGraph)
+        if connected and not nx.is_strongly_connected(d):
+            raise TopologyError(f"{name} is not strongly connected: some worker's mass never "
+                                "reaches some other worker")
+        return P
     if not torch.allclose(rows, torch.ones_like(rows), atol=atol):
         j = int((rows - 1).abs().argmax())
         raise TopologyError(f"{name} is not doubly stochastic: row {j} sums to "
@@ -186,6 +229,15 @@ def validate(P, name: str = "mixing matrix", atol: float = 1e-6,
         raise TopologyError(f"{name} is disconnected ({parts} components): workers in different "
                             "components never reach consensus")
     return P
+
+
+def stochasticity(P, atol: float = 1e-6) -> str | None:
+    """Which sums of P are 1: "doubly" (rows and columns), "column", "row", or None."""
+    P = torch.as_tensor(P, dtype=torch.float64)
+    ones = torch.ones(P.shape[0], dtype=torch.float64)
+    rows = torch.allclose(P.sum(1), ones, atol=atol)
+    cols = torch.allclose(P.sum(0), ones, atol=atol)
+    return "doubly" if rows and cols else "column" if cols else "row" if rows else None
 
 
 def second_eigenvalue(P) -> float:
@@ -207,14 +259,18 @@ class Topology:
     m: int
     schedule: Callable[[int], MixingMatrix]
     time_varying: bool = False
+    stochastic: str = "doubly"  # "column": a directed graph, for push-sum only
 
     def matrix(self, step: int = 0) -> MixingMatrix:
         return self.schedule(step)
 
     @classmethod
     def static(cls, name: str, P) -> Topology:
-        P = validate(P, name)
-        return cls(name, P.shape[0], lambda step: P)
+        """A fixed matrix: doubly stochastic (every algorithm), or column stochastic only (a
+        directed graph, which only ``pushsum`` accepts); recorded in ``stochastic``."""
+        kind = "column" if stochasticity(P) == "column" else "doubly"
+        P = validate(P, name, stochastic=kind)
+        return cls(name, P.shape[0], lambda step: P, stochastic=kind)
 
 
 def permuted(topology: Topology, seed: int = 0) -> Topology:
@@ -226,14 +282,15 @@ def permuted(topology: Topology, seed: int = 0) -> Topology:
         perm = torch.randperm(topology.m, generator=g)
         return topology.matrix(step)[perm][:, perm]
 
-    return Topology(f"{topology.name}+shuffle", topology.m, schedule, time_varying=True)
+    return Topology(f"{topology.name}+shuffle", topology.m, schedule, time_varying=True,
+                    stochastic=topology.stochastic)
 
 
 STATIC = {
     "ring": ring, "grid": grid, "torus": torus, "exponential": exponential,
     "complete": complete, "star": star,
 }
-NAMES = sorted([*STATIC, "one_peer_exponential", "random_regular"])
+NAMES = sorted([*STATIC, "one_peer_exponential", "directed_exponential", "random_regular"])
 
 
 def make_topology(name: str, m: int, *, shuffle: bool = False, seed: int = 0,
@@ -247,6 +304,13 @@ def make_topology(name: str, m: int, *, shuffle: bool = False, seed: int = 0,
             validate(P, name, connected=False)
         validate(sum(window) / len(window), f"{name} over {len(window)} steps")
         topo = Topology(name, m, lambda t: one_peer_exponential(m, t), time_varying=True)
+    elif name == "directed_exponential":
+        # a circulant: its columns and rows both sum to 1, so every algorithm may use it
+        window = [directed_exponential(m, t) for t in range(max(1, math.ceil(math.log2(m))))]
+        for P in window:
+            validate(P, name, connected=False)
+        validate(sum(window) / len(window), f"{name} over {len(window)} steps")
+        topo = Topology(name, m, lambda t: directed_exponential(m, t), time_varying=True)
     elif name == "random_regular":
         topo = Topology.static(name, random_regular(m, degree, seed))
     else:

@@ -1,7 +1,7 @@
 """Decentralized and centralized algorithms, one small object each (see ``base``).
 
-``make_algorithm("dsgd")`` / ``make_algorithm("local", every=4)`` build one by name; the engine
-accepts a name or an object.
+``make_algorithm("dsgd")`` / ``make_algorithm("local", every=4)`` / ``make_algorithm("qgm",
+beta=0.9)`` build one by name; the engine accepts a name or an object.
 """
 
 from __future__ import annotations
@@ -10,10 +10,17 @@ from typing import Any
 
 from dsgd.algorithms.base import Algorithm, State, Stateless
 from dsgd.algorithms.csgd import CSGD
+from dsgd.algorithms.d2 import D2
+from dsgd.algorithms.drdsgd import DRDSGD
 from dsgd.algorithms.dsgd import DSGD
+from dsgd.algorithms.gt import GradientTracking
 from dsgd.algorithms.local import LocalSGD
+from dsgd.algorithms.pushsum import PushSum
+from dsgd.algorithms.qgm import QGM
 
-ALGORITHMS: dict[str, type] = {"dsgd": DSGD, "csgd": CSGD, "local": LocalSGD}
+ALGORITHMS: dict[str, type] = {"dsgd": DSGD, "csgd": CSGD, "local": LocalSGD,
+                               "gt": GradientTracking, "d2": D2, "qgm": QGM, "pushsum": PushSum,
+                               "drdsgd": DRDSGD}
 
 
 def make_algorithm(name: str, **options: Any) -> Algorithm:
@@ -23,5 +30,5 @@ def make_algorithm(name: str, **options: Any) -> Algorithm:
     return ALGORITHMS[name](**options)
 
 
-__all__ = ["ALGORITHMS", "CSGD", "DSGD", "Algorithm", "LocalSGD", "State", "Stateless",
-           "make_algorithm"]
+__all__ = ["ALGORITHMS", "CSGD", "D2", "DRDSGD", "DSGD", "QGM", "Algorithm", "GradientTracking",
+           "LocalSGD", "PushSum", "State", "Stateless", "make_algorithm"]

@@ -6,7 +6,7 @@ One step of the engine, for the ``m_local`` workers hosted here (flat tensors of
 ``(m_local, P)``)::
 
     g        = backend gradients at w                    # each worker's own mini-batch
-    g        = algorithm.gradient(g, loss, state, comm)  # C-SGD: the all-reduce mean
+    g, state = algorithm.gradient(g, loss, state, comm, t)  # C-SGD: the all-reduce mean
     d, opt   = optimizer.direction(g, opt, w)            # momentum, weight decay
     w, state = algorithm.step(w, d, state, comm, lr, t)  # D-SGD: mix(w) - lr * d
     b        = algorithm.mix_buffers(b, comm, t)         # BatchNorm statistics, if gossiped
@@ -32,11 +32,13 @@ State = dict[str, Tensor]
 class Algorithm(Protocol):
     name: str
     averages_gradients: bool  # every worker steps with the all-workers mean of the gradients
+    mixing: str  # the matrices it needs: "doubly" stochastic, or "column" stochastic suffices
 
     def init(self, w: Tensor, comm: Communicator) -> State:  # w: (m_local, P)
         ...
 
-    def gradient(self, g: Tensor, loss: Tensor, state: State, comm: Communicator) -> Tensor:
+    def gradient(self, g: Tensor, loss: Tensor, state: State, comm: Communicator, t: int
+                 ) -> tuple[Tensor, State]:
         ...
 
     def step(self, w: Tensor, d: Tensor, state: State, comm: Communicator, lr: float, t: int
@@ -51,9 +53,11 @@ class Stateless:
     """Defaults for an algorithm that keeps no state and hands the gradient on unchanged."""
 
     averages_gradients = False
+    mixing = "doubly"
 
     def init(self, w: Tensor, comm: Communicator) -> State:
         return {}
 
-    def gradient(self, g: Tensor, loss: Tensor, state: State, comm: Communicator) -> Tensor:
-        return g
+    def gradient(self, g: Tensor, loss: Tensor, state: State, comm: Communicator, t: int
+                 ) -> tuple[Tensor, State]:
+        return g, state

@@ -22,8 +22,9 @@ class CSGD(Stateless):
     name = "csgd"
     averages_gradients = True
 
-    def gradient(self, g: Tensor, loss: Tensor, state: State, comm: Communicator) -> Tensor:
-        return comm.mean(g)
+    def gradient(self, g: Tensor, loss: Tensor, state: State, comm: Communicator, t: int
+                 ) -> tuple[Tensor, State]:
+        return comm.mean(g), state
 
     def step(self, w: Tensor, d: Tensor, state: State, comm: Communicator, lr: float, t: int
              ) -> tuple[Tensor, State]:

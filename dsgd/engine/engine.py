@@ -5,7 +5,7 @@ shape (m_local, Pb) (BatchNorm running statistics). The communicator decides how
 are hosted here (all of them in one process; one or a block per rank under torchrun). One step::
 
     g, loss  = backend.gradients(w, b, x, y)          # each worker's own mini-batch, at w_j(t)
-    g        = algorithm.gradient(g, loss, ...)       # e.g. C-SGD's all-reduce mean
+    g        = algorithm.gradient(g, loss, ..., t)    # e.g. C-SGD's all-reduce mean
     d        = optimizer.direction(g, ...)            # momentum, weight decay
     w        = algorithm.step(w, d, ..., lr, t)       # e.g. D-SGD: mix(w) - lr * d
 
@@ -43,7 +43,7 @@ from dsgd.engine.layout import Layout
 from dsgd.errors import BatchError, TrainingDiverged
 from dsgd.optim.schedule import Schedule, constant
 from dsgd.optim.sgd import SGD
-from dsgd.topology import Topology
+from dsgd.topology import Topology, TopologyError
 
 STRATEGIES = ("auto", "vmap", "loop")
 _CLASS_LOSSES = (F.cross_entropy, F.nll_loss)
@@ -69,7 +69,8 @@ class Engine:
         hosting some of them (``dsgd.engine.distributed`` under torchrun).
     optimizer: an object with ``init(params)`` and ``direction(grads, state, params)``
         (``dsgd.optim.SGD``); lr: a float or a schedule ``step -> lr``.
-    algorithm: a name ("dsgd", "csgd", "local") or an algorithm object (``dsgd.algorithms``);
+    algorithm: a name ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd") or an
+        algorithm object (``dsgd.algorithms``);
         gossip_every: tau > 1 turns "dsgd" into local SGD, gossiping every tau steps.
     buffers: "gossip" or "local" BatchNorm statistics; strategy: "auto", "vmap" or "loop".
     loss: ``loss(outputs, targets)``, a mean over the batch.
@@ -111,6 +112,11 @@ class Engine:
             algorithm = (LocalSGD(gossip_every) if algorithm == "dsgd" and gossip_every != 1
                          else make_algorithm(algorithm, **({"every": gossip_every}
                                                            if algorithm == "local" else {})))
+        topology = getattr(comm, "topology", None)
+        if algorithm.mixing == "doubly" and getattr(topology, "stochastic", "doubly") != "doubly":
+            raise TopologyError(f"{algorithm.name} needs a doubly stochastic mixing matrix; "
+                                f"{topology.name} is only column stochastic (a directed graph): "
+                                "use algorithm 'pushsum'")
         self.model, self.comm, self.algorithm = model, comm, algorithm
         self.optimizer = optimizer if optimizer is not None else SGD()
         self.lr = lr if callable(lr) else constant(float(lr))
@@ -218,7 +224,7 @@ class Engine:
             self._check_finite(loss, t, lr)
             if self.gradient_rule is not None:
                 grads = self._apply_rule(grads, x, y)
-        g = self.algorithm.gradient(grads, loss, self.algo_state, self.comm)
+        g, self.algo_state = self.algorithm.gradient(grads, loss, self.algo_state, self.comm, t)
         d, self.opt_state = self.optimizer.direction({"w": g}, self.opt_state, {"w": self.w})
         self.w, self.algo_state = self.algorithm.step(self.w, d["w"], self.algo_state, self.comm,
                                                       lr, t)
