@@ -71,7 +71,7 @@ def test_every_rule_equals_its_reference_loop():
                "drdsgd": engine(DRDSGD(lam=lam)), "pushsum": engine("pushsum")}
     x = {k: w0.clone() for k in engines}
     y = g_prev = x_prev = step_prev = m_buf = None
-    for t in range(6):
+    for _ in range(6):
         for eng in engines.values():
             eng.step(A, b)
         # gradient tracking: x <- P x - lr y;  y <- P y + g(new) - g(old)

@@ -53,6 +53,12 @@ CONFIGS = [
     {"name": "csgd_m8", "topology": "ring", "m": 8, "algorithm": "csgd"},
     {"name": "csgd_m4_momentum", "topology": "ring", "m": 4, "algorithm": "csgd",
      "momentum": 0.9},
+    {"name": "gt_ring_m8", "topology": "ring", "m": 8, "algorithm": "gt"},
+    {"name": "d2_star_m8", "topology": "star", "m": 8, "algorithm": "d2"},
+    {"name": "qgm_ring_m4", "topology": "ring", "m": 4, "algorithm": "qgm"},
+    {"name": "pushsum_directed_exp_m8", "topology": "directed_exponential", "m": 8,
+     "algorithm": "pushsum"},
+    {"name": "drdsgd_exponential_m4", "topology": "exponential", "m": 4, "algorithm": "drdsgd"},
 ]
 for _cfg in CONFIGS:
     _cfg["steps"] = STEPS

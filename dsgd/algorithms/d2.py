@@ -33,7 +33,8 @@ def check_d2_matrix(P: Tensor, name: str) -> None:
     low = float(torch.linalg.eigvalsh(P.double()).min())
     if low <= -1 / 3 + 1e-9:
         raise UserError(f"D2 needs the smallest eigenvalue of the mixing matrix above -1/3; "
-                        f"{name} has {low:.4f} (a ring needs an odd number of workers)")
+                        f"{name} has {low:.4f} (use a ring of an odd number of workers, a star or "
+                        "complete)")
 
 
 class D2(Stateless):
