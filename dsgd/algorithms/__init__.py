@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from dsgd.algorithms.base import Algorithm, State, Stateless
+from dsgd.algorithms.choco import Choco
 from dsgd.algorithms.csgd import CSGD
 from dsgd.algorithms.d2 import D2
 from dsgd.algorithms.drdsgd import DRDSGD
@@ -20,15 +21,18 @@ from dsgd.algorithms.qgm import QGM
 
 ALGORITHMS: dict[str, type] = {"dsgd": DSGD, "csgd": CSGD, "local": LocalSGD,
                                "gt": GradientTracking, "d2": D2, "qgm": QGM, "pushsum": PushSum,
-                               "drdsgd": DRDSGD}
+                               "drdsgd": DRDSGD, "choco": Choco}
 
 
 def make_algorithm(name: str, **options: Any) -> Algorithm:
     """The algorithm called ``name`` with its options (e.g. ``every`` for ``local``)."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](**options)
+    try:
+        return ALGORITHMS[name](**options)
+    except TypeError as e:
+        raise ValueError(f"algorithm {name!r}: bad options {sorted(options)} ({e})") from None
 
 
-__all__ = ["ALGORITHMS", "CSGD", "D2", "DRDSGD", "DSGD", "QGM", "Algorithm", "GradientTracking",
-           "LocalSGD", "PushSum", "State", "Stateless", "make_algorithm"]
+__all__ = ["ALGORITHMS", "CSGD", "D2", "DRDSGD", "DSGD", "QGM", "Algorithm", "Choco",
+           "GradientTracking", "LocalSGD", "PushSum", "State", "Stateless", "make_algorithm"]

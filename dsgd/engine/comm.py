@@ -29,8 +29,8 @@ class Communicator(Protocol):
     workers: range  # the global indices of the workers hosted here
     bytes_sent: int  # payload bytes sent so far (in one process: what processes would send)
 
-    def mix(self, x: Tensor, step: int) -> Tensor:  # (m_local, P) -> (m_local, P)
-        ...
+    def mix(self, x: Tensor, step: int, row_bytes: int | None = None) -> Tensor:
+        ...  # (m_local, P) -> (m_local, P); row_bytes: a row's size on the wire, if compressed
 
     def mean(self, x: Tensor) -> Tensor:  # (m_local, P) -> (m_local, P), rows equal
         ...
@@ -156,9 +156,12 @@ class LocalCommunicator:
         self._cache = (key, plan)
         return plan
 
-    def mix(self, x: Tensor, step: int) -> Tensor:
+    def mix(self, x: Tensor, step: int, row_bytes: int | None = None) -> Tensor:
+        """``P(step) @ x``; ``row_bytes``: what one row costs on the wire when it stands for a
+        compressed message (default: the dense row)."""
         plan = self.plan(step, x)
-        self.bytes_sent += plan.sends * x.shape[1] * x.element_size()
+        self.bytes_sent += plan.sends * (x.shape[1] * x.element_size() if row_bytes is None
+                                         else row_bytes)
         return gossip(x, plan)
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:

@@ -78,6 +78,8 @@ class Engine:
     seed: seeds the generators of the gradient rule and of the model's random ops (checkpointed).
     compile: run the vmap gradient and the fused gossip + update through ``torch.compile``.
     chunk_size: vmap over this many workers at a time (None: all); caps activation memory.
+    algorithm_options: the named algorithm's options, e.g. ``beta`` for "qgm", ``lam`` for
+        "drdsgd", ``compression`` and ``consensus_step`` for "choco".
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Engine:
         seed: int = 0,
         compile: bool = False,
         chunk_size: int | None = None,
+        **algorithm_options: Any,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -109,9 +112,13 @@ class Engine:
                 raise ValueError("give a topology (or a communicator)")
             comm = LocalCommunicator(topology, compile=compile)
         if isinstance(algorithm, str):
+            if algorithm == "local":
+                algorithm_options.setdefault("every", gossip_every)
             algorithm = (LocalSGD(gossip_every) if algorithm == "dsgd" and gossip_every != 1
-                         else make_algorithm(algorithm, **({"every": gossip_every}
-                                                           if algorithm == "local" else {})))
+                         else make_algorithm(algorithm, **algorithm_options))
+        elif algorithm_options:
+            raise ValueError(f"options {sorted(algorithm_options)} go to an algorithm given by "
+                             "name; an algorithm object carries its own")
         topology = getattr(comm, "topology", None)
         if algorithm.mixing == "doubly" and getattr(topology, "stochastic", "doubly") != "doubly":
             raise TopologyError(f"{algorithm.name} needs a doubly stochastic mixing matrix; "

@@ -1,0 +1,68 @@
+"""CHOCO-SGD (Koloskova, Stich & Jaggi 2019): decentralized SGD with compressed gossip.
+
+Every worker keeps public copies x_hat of its own and its neighbours' weights and sends only a
+compressed update of its own::
+
+    x_j'      = x_j - eta d_j
+    q_j       = Q(x_j' - x_hat_j)              # the message, compressed
+    x_hat_j  += q_j                            # on every worker holding a copy of j
+    x_j      <- x_j' + gamma sum_k P[j, k] (x_hat_k - x_hat_j)
+
+gamma is the consensus step size. The copies are updated by the messages alone, so the error
+of a biased compressor (top-k) is not lost but fed back in the next message. Each worker keeps
+``s = P x_hat`` up to date from the mixed messages (``P`` is fixed), so a step mixes only the
+compressed messages. With the identity compressor and gamma = 1 this is D-SGD in the
+step-then-gossip order, x(t+1) = P (x(t) - eta d(t)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from dsgd.algorithms.base import State, Stateless
+from dsgd.compress import Identity, make_compressor
+from dsgd.errors import UserError
+
+if TYPE_CHECKING:
+    from dsgd.engine.comm import Communicator
+
+
+@dataclass(frozen=True)
+class Choco(Stateless):
+    compression: Any = field(default_factory=Identity)  # a compressor or its name
+    consensus_step: float = 1.0  # gamma
+    seed: int = 0  # of the random compressors' draws (checkpointed with the state)
+    name = "choco"
+
+    def __post_init__(self):
+        if isinstance(self.compression, str):
+            object.__setattr__(self, "compression", make_compressor(self.compression))
+        if not 0 < self.consensus_step <= 1:
+            raise ValueError(f"consensus_step (gamma) must be in (0, 1], got "
+                             f"{self.consensus_step}")
+
+    def init(self, w: Tensor, comm: Communicator) -> State:
+        if comm.topology.time_varying:
+            raise UserError(f"choco keeps P x_hat up to date from the messages, which needs a "
+                            f"fixed mixing matrix; {comm.topology.name} changes every step")
+        gen = torch.Generator().manual_seed(self.seed)
+        return {"x_hat": torch.zeros_like(w), "s": torch.zeros_like(w), "rng": gen.get_state()}
+
+    def step(self, w: Tensor, d: Tensor, state: State, comm: Communicator, lr: float, t: int
+             ) -> tuple[Tensor, State]:
+        gen = torch.Generator()
+        gen.set_state(state["rng"])
+        x = w - lr * d  # (m, P)
+        msg = self.compression.compress(x - state["x_hat"], generator=gen)
+        q = self.compression.decompress(msg).to(w.dtype)
+        x_hat = state["x_hat"] + q
+        s = state["s"] + comm.mix(q, t, row_bytes=self.compression.bytes(msg))
+        new = x.add_(s - x_hat, alpha=self.consensus_step)
+        return new, {"x_hat": x_hat, "s": s, "rng": gen.get_state()}
+
+    def mix_buffers(self, b: Tensor, comm: Communicator, t: int) -> Tensor:
+        return comm.mix(b, t)

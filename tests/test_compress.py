@@ -1,0 +1,136 @@
+"""Compressors (round trips, unbiasedness, byte counts against their closed forms) and CHOCO-SGD
+against the step-then-gossip D-SGD loop it reduces to."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dsgd.algorithms import Choco
+from dsgd.compress import QSGD, Identity, LowPrecision, RandomK, Sign, TopK, make_compressor
+from dsgd.engine import Engine
+from dsgd.errors import UserError
+from dsgd.topology import make_topology
+
+M, P = 4, 1000
+
+
+def x(seed=0):
+    return torch.randn(M, P, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_lossless_round_trips():
+    v = x()
+    for comp in (Identity(), TopK(1.0), RandomK(1.0)):
+        torch.testing.assert_close(comp.decompress(comp.compress(v)), v, atol=1e-12, rtol=0)
+    low = LowPrecision("bf16")
+    torch.testing.assert_close(low.decompress(low.compress(v)), v.to(torch.bfloat16).double())
+
+
+def test_top_k_keeps_the_largest_entries():
+    v = x()
+    out = TopK(0.1).decompress(TopK(0.1).compress(v))
+    kept = out != 0
+    assert (kept.sum(1) == 100).all()
+    assert (v.abs()[kept].reshape(M, -1).min(1).values
+            >= v.abs().masked_fill(kept, 0).max(1).values).all()
+
+
+def _variance(comp, v):
+    """Each entry's variance under the compressor, in closed form."""
+    if isinstance(comp, RandomK):  # v P / k with probability k / P, else 0
+        return v**2 * (1 / comp.ratio - 1)
+    level = v.abs() / v.norm() * comp.levels  # rounded up with probability frac(level)
+    frac = level - level.floor()
+    return (v.norm() / comp.levels) ** 2 * frac * (1 - frac)
+
+
+@pytest.mark.parametrize("comp", [RandomK(0.1), QSGD(3)], ids=["randomk", "qsgd"])
+def test_random_compressors_are_unbiased(comp):
+    v = x()[:1]
+    gen = torch.Generator().manual_seed(1)
+    draws = 4000
+    mean = sum(comp.decompress(comp.compress(v, gen)) for _ in range(draws)) / draws
+    se = (_variance(comp, v) / draws).sqrt()  # every entry within 5 standard errors
+    assert ((mean - v).abs() <= 5 * se + 1e-12).all()
+
+
+def test_sign_is_the_scaled_sign():
+    v = x()
+    out = Sign().decompress(Sign().compress(v))
+    torch.testing.assert_close(out, v.abs().mean(1, keepdim=True) * v.sign())
+
+
+def test_byte_counts_equal_their_closed_forms():
+    v = x().float()
+    k = 10
+    assert Identity().bytes(Identity().compress(v)) == 4 * P
+    assert TopK(0.01).bytes(TopK(0.01).compress(v)) == k * (4 + 4)
+    assert RandomK(0.01).bytes(RandomK(0.01).compress(v)) == k * 4 + 8
+    assert QSGD(7).bytes(QSGD(7).compress(v)) == math.ceil(P * 4 / 8) + 4  # 4 bits an entry
+    assert QSGD(1).bytes(QSGD(1).compress(v)) == math.ceil(P * 2 / 8) + 4
+    assert Sign().bytes(Sign().compress(v)) == math.ceil(P / 8) + 4
+    assert LowPrecision("fp16").bytes(LowPrecision("fp16").compress(v)) == 2 * P
+    assert isinstance(make_compressor("topk", ratio=0.5), TopK)
+    with pytest.raises(ValueError, match="unknown compressor"):
+        make_compressor("zip")
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _batches(steps, m=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(m, 8, 5, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (m, 8), generator=g)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("compression", ["none", TopK(1.0)], ids=["identity", "topk100"])
+def test_choco_with_exact_messages_and_gamma_one_is_step_then_gossip_dsgd(compression):
+    topo = make_topology("ring", 6)
+    P = topo.matrix(0)
+    choco = Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=compression,
+                   consensus_step=1.0)
+    plain = Engine(_mlp(), topo, lr=0.1, strategy="loop")  # gradients only, then by hand
+    w = choco.w.clone()
+    for xb, yb in _batches(5):
+        choco.step(xb, yb)
+        g, _, _ = plain.backend.gradients(w, {}, xb, yb)
+        w = P @ (w - 0.1 * g)
+    torch.testing.assert_close(choco.w, w, atol=1e-6, rtol=0)
+
+
+def test_choco_top_k_trains_counts_compressed_bytes_and_resumes_bit_identically(tmp_path):
+    topo = make_topology("ring", 6)
+    data = _batches(10)
+
+    def engine():
+        return Engine(_mlp(), topo, lr=0.1, algorithm="choco",
+                      compression=RandomK(0.2), consensus_step=0.5)
+
+    a = engine()
+    for xb, yb in data[:5]:
+        a.step(xb, yb)
+    torch.save(a.state_dict(), tmp_path / "c.pt")
+    b = engine()
+    b.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    for xb, yb in data[5:]:
+        a.step(xb, yb)
+        b.step(xb, yb)
+    assert torch.equal(a.w, b.w)
+    params = a.layout.size
+    k = math.ceil(0.2 * params)
+    # a ring: every worker sends its message to 2 neighbours, each step
+    assert a.comm.bytes_sent == 10 * 6 * 2 * (k * 8 + 8)
+    assert a.consensus_distance() > 0
+
+
+def test_choco_refuses_a_time_varying_topology():
+    with pytest.raises(UserError, match="fixed mixing matrix"):
+        Engine(_mlp(), make_topology("one_peer_exponential", 8), algorithm="choco")
+    with pytest.raises(ValueError, match="bad options"):
+        Engine(_mlp(), make_topology("ring", 6), algorithm="choco", gamma=0.5)
+    assert Choco("topk").compression == TopK()
