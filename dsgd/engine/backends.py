@@ -116,6 +116,24 @@ def _set_rng_state(device: torch.device, state: Tensor) -> None:
 
 
 @contextmanager
+def drawing_from(generator: torch.Generator) -> Iterator[None]:
+    """Inside the block, random ops (which draw from torch's default generator of the
+    generator's device: dropout, ``torch.rand``) draw from ``generator`` instead; its state moves
+    on, and the default generator is left as it was."""
+    dev = generator.device
+    default = (torch.cuda.default_generators[dev.index if dev.index is not None
+                                             else torch.cuda.current_device()]
+               if dev.type == "cuda" else torch.default_generator)
+    saved = default.get_state()
+    default.set_state(generator.get_state())
+    try:
+        yield
+    finally:
+        generator.set_state(default.get_state())
+        default.set_state(saved)
+
+
+@contextmanager
 def _intra_op_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
     before = torch.get_num_threads()

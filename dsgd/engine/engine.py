@@ -26,8 +26,7 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,17 +36,16 @@ from torch import Tensor, nn
 
 from dsgd._types import Params, Stacked
 from dsgd.algorithms import Algorithm, LocalSGD, make_algorithm
-from dsgd.engine.backends import Objective, make_backend
+from dsgd.engine.backends import Objective, drawing_from, make_backend
+from dsgd.engine.checks import check_batch
 from dsgd.engine.comm import Communicator, LocalCommunicator
 from dsgd.engine.layout import Layout
-from dsgd.errors import BatchError, TrainingDiverged
+from dsgd.errors import TrainingDiverged
 from dsgd.optim.schedule import Schedule, constant
 from dsgd.optim.sgd import SGD
 from dsgd.topology import Topology, TopologyError
 
 STRATEGIES = ("auto", "vmap", "loop")
-_CLASS_LOSSES = (F.cross_entropy, F.nll_loss)
-_REGRESSION_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 
 @dataclass
@@ -224,9 +222,10 @@ class Engine:
     def step(self, x: Tensor, y: Tensor) -> StepResult:
         """One iteration on a batch x: (m_local, B, ...), y: (m_local, B)."""
         t, lr = self.step_count, float(self.lr(self.step_count))
-        x, y = self._check_batch(x.to(self.w.device), y.to(self.w.device))
+        x, y = check_batch(x.to(self.w.device), y.to(self.w.device), len(self.comm.workers),
+                           self.loss)
         self.model.train()
-        with self._model_draws():
+        with drawing_from(self.random_ops):
             grads, loss, acc = self.backend.gradients(self.w, self.worker_buffers, x, y)
             self._check_finite(loss, t, lr)
             if self.gradient_rule is not None:
@@ -239,38 +238,6 @@ class Engine:
             self.b = self.algorithm.mix_buffers(self.b, self.comm, t)
         self.step_count += 1
         return StepResult(loss=loss, accuracy=acc, lr=lr)
-
-    @contextmanager
-    def _model_draws(self) -> Iterator[None]:
-        """Random ops of the model (which draw from torch's default generator) draw from the
-        engine's own generator inside this block."""
-        dev = self.w.device
-        default = (torch.cuda.default_generators[dev.index if dev.index is not None
-                                                 else torch.cuda.current_device()]
-                   if dev.type == "cuda" else torch.default_generator)
-        saved = default.get_state()
-        default.set_state(self.random_ops.get_state())
-        try:
-            yield
-        finally:
-            self.random_ops.set_state(default.get_state())
-            default.set_state(saved)
-
-    def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        m = len(self.comm.workers)
-        if x.ndim < 2 or x.shape[0] != m:
-            raise BatchError(f"x has shape {tuple(x.shape)}, but the engine hosts {m} workers: "
-                             f"give x of shape ({m}, B, ...), one mini-batch per worker")
-        if y.shape[:2] != x.shape[:2]:
-            raise BatchError(f"x has shape {tuple(x.shape)} and y {tuple(y.shape)}: y must have "
-                             f"shape ({m}, {x.shape[1]}, ...), the same workers and batch as x")
-        if self.loss in _CLASS_LOSSES and y.ndim == 2 and y.is_floating_point():
-            raise BatchError(f"the loss takes class indices, but y is {y.dtype} of shape "
-                             f"{tuple(y.shape)}: pass y.long() (or class probabilities of shape "
-                             f"({m}, B, C))")
-        if self.loss in _REGRESSION_LOSSES and not y.is_floating_point():
-            raise BatchError(f"the loss takes real targets, but y is {y.dtype}: pass y.float()")
-        return x, y
 
     def _check_finite(self, loss: Tensor, t: int, lr: float) -> None:
         finite = torch.isfinite(loss)
