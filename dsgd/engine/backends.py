@@ -64,15 +64,39 @@ def accuracy(out: Tensor, y: Tensor, lead: int = 0) -> Tensor:
 
 
 class Objective:
-    """One worker's mini-batch loss as a function of its named parameters and buffers."""
+    """One worker's mini-batch loss as a function of its named parameters and buffers.
 
-    def __init__(self, model: nn.Module, layout: Layout, loss: Callable[[Tensor, Tensor], Tensor]):
-        self.model, self.layout, self.loss = model, layout, loss
+    ``precision="bf16"`` runs the forward (and so the backward) under ``torch.autocast`` in
+    bfloat16: matrix products and convolutions in bf16, the weights, their gradients, the loss
+    and everything after (gossip, optimizer state) in float32, so gossip still preserves the
+    workers' mean exactly."""
+
+    def __init__(self, model: nn.Module, layout: Layout, loss: Callable[[Tensor, Tensor], Tensor],
+                 precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.model, self.layout, self.loss, self.precision = model, layout, loss, precision
+        if precision == "bf16":
+            # normalisation layers keep float32 statistics: feed them float32 (vmap's batch-norm
+            # rule refuses a bf16 input beside float32 running statistics)
+            for mod in model.modules():
+                if isinstance(mod, nn.modules.batchnorm._NormBase):
+                    mod.register_forward_pre_hook(_stats_dtype_input)
 
     def __call__(self, p: Params, b: Params, x: Tensor, y: Tensor, module: nn.Module | None = None):
-        out = functional_call(self.model if module is None else module, {**p, **b}, (x,))
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            out = functional_call(self.model if module is None else module, {**p, **b}, (x,))
+        out = out.float() if out.is_floating_point() else out
         loss = self.loss(out, y)
         return loss, (loss.detach(), accuracy(out, y).detach())
+
+
+def _stats_dtype_input(mod: nn.Module, args: tuple) -> tuple:
+    ref = next((t for t in (mod.weight, mod.running_mean) if t is not None), None)
+    if ref is None:
+        return args
+    return tuple(a.to(ref.dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+                 for a in args)
 
 
 class VmapBackend:
@@ -223,7 +247,9 @@ class OneBatchBackend:
         ob = self.objective
         m, batch = y.shape[0], y.shape[1]
         p = {n: v[0].detach().requires_grad_() for n, v in ob.layout.views(w).items()}
-        out = functional_call(ob.model, p, (x.reshape(m * batch, *x.shape[2:]),))
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=ob.precision == "bf16"):
+            out = functional_call(ob.model, p, (x.reshape(m * batch, *x.shape[2:]),))
+        out = out.float() if out.is_floating_point() else out
         out = out.reshape(m, batch, *out.shape[1:])
         losses = vmap(ob.loss)(out, y)  # (m,) each worker's mean loss
         gs = torch.autograd.grad(losses.mean(), list(p.values()), materialize_grads=True)

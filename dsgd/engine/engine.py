@@ -76,6 +76,8 @@ class Engine:
     seed: seeds the generators of the gradient rule and of the model's random ops (checkpointed).
     compile: run the vmap gradient and the fused gossip + update through ``torch.compile``.
     chunk_size: vmap over this many workers at a time (None: all); caps activation memory.
+    precision: "fp32", or "bf16" for the forward and backward under autocast (weights, gossip
+        and optimizer state stay float32).
     algorithm_options: the named algorithm's options, e.g. ``beta`` for "qgm", ``lam`` for
         "drdsgd", ``compression`` and ``consensus_step`` for "choco".
     """
@@ -97,6 +99,7 @@ class Engine:
         seed: int = 0,
         compile: bool = False,
         chunk_size: int | None = None,
+        precision: str = "fp32",
         **algorithm_options: Any,
     ):
         if strategy not in STRATEGIES:
@@ -146,7 +149,7 @@ class Engine:
         one_batch = (algorithm.averages_gradients and gradient_rule is None
                      and not self.b.shape[1] and not self.int_buffers
                      and not _batch_coupled(model))
-        self.backend = make_backend(strategy, Objective(model, self.layout, loss),
+        self.backend = make_backend(strategy, Objective(model, self.layout, loss, precision),
                                     m_local=m_local, device=self.w.device,
                                     chunk_size=chunk_size, compile=compile, one_batch=one_batch)
 
