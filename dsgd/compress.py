@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -37,6 +37,27 @@ class Message:
     indices: Tensor | None = None
     scale: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Compressor(Protocol):
+    name: str
+
+    def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
+        ...
+
+    def decompress(self, msg: Message) -> Tensor:
+        ...
+
+    def bytes(self, msg: Message) -> int:  # one row's message on the wire
+        ...
+
+
+def rows(msg: Message, index: Tensor) -> Message:
+    """The messages of the rows ``index`` (what one neighbour receives)."""
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[index]
+
+    return Message(msg.values[index], msg.size, pick(msg.indices), pick(msg.scale), msg.meta)
 
 
 def _k(ratio: float, size: int) -> int:
@@ -178,5 +199,5 @@ def make_compressor(name: str, **options: Any):
     return COMPRESSORS[name](**options)
 
 
-__all__ = ["COMPRESSORS", "QSGD", "Identity", "LowPrecision", "Message", "RandomK", "Sign",
-           "TopK", "make_compressor"]
+__all__ = ["COMPRESSORS", "QSGD", "Compressor", "Identity", "LowPrecision", "Message", "RandomK",
+           "Sign", "TopK", "make_compressor", "rows"]

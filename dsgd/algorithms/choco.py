@@ -60,7 +60,7 @@ class Choco(Stateless):
         msg = self.compression.compress(x - state["x_hat"], generator=gen)
         q = self.compression.decompress(msg).to(w.dtype)
         x_hat = state["x_hat"] + q
-        s = state["s"] + comm.mix(q, t, row_bytes=self.compression.bytes(msg))
+        s = state["s"] + comm.mix_message(msg, self.compression, t).to(w.dtype)
         new = x.add_(s - x_hat, alpha=self.consensus_step)
         return new, {"x_hat": x_hat, "s": s, "rng": gen.get_state()}
 

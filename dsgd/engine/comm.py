@@ -7,6 +7,8 @@ state, a tensor of shape ``(m_local, P)``:
 - ``mean(x)``: every row becomes the mean over all m workers (the all-reduce of C-SGD).
 - ``mix_add(x, d, alpha, step)``: ``mix(x, step) + alpha * d``, the D-SGD update in one call, so
   a communicator can fuse it into one pass over memory.
+- ``mix_message(msg, compressor, step)``: ``mix`` of a compressed message (``dsgd.compress``):
+  what a worker sends is the message, what it computes with is the decoded rows.
 
 ``LocalCommunicator`` hosts every worker in one process, so both are a matrix product. The
 distributed communicator (``dsgd.engine.distributed``) implements the same calls with
@@ -21,6 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from dsgd.compress import Compressor, Message
 from dsgd.topology import Topology
 
 
@@ -37,6 +40,9 @@ class Communicator(Protocol):
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
         ...
+
+    def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
+        ...  # P(step) @ decompress(msg): what travels is the compressed message
 
     def agree_min(self, value: int) -> int:  # the smallest value over all processes
         ...
@@ -163,6 +169,10 @@ class LocalCommunicator:
         self.bytes_sent += plan.sends * (x.shape[1] * x.element_size() if row_bytes is None
                                          else row_bytes)
         return gossip(x, plan)
+
+    def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
+        """``P(step) @ decompress(msg)``, counting the compressed message's bytes."""
+        return self.mix(compressor.decompress(msg), step, row_bytes=compressor.bytes(msg))
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
         plan = self.plan(step, x)
