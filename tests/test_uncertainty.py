@@ -15,11 +15,11 @@ from dsgd.metrics.uncertainty import (
     ensemble_probs,
     evaluate_uncertainty,
     nll,
-    plot_reliability,
     posterior_probs,
     predictive_entropy,
     reliability_curve,
 )
+from dsgd.report.figures import plot_reliability
 
 D64 = torch.float64
 
