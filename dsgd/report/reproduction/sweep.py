@@ -107,7 +107,7 @@ def scaling_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def write_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Any]:
     """sweep.json (all rows, the table and the slopes), sweep.md and sweep.png in out_dir."""
-    from dsgd.report.reproduction.figures import plot_sweep
+    from dsgd.report.figures import plot_sweep
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
