@@ -102,6 +102,45 @@ def test_paper_scale_configs_and_polite_refusal(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_gpu_scale_builds_a_batchnorm_protocol_and_refuses_without_a_gpu(tmp_path):
+    from dsgd.models import build_model
+
+    plan = R.settings(R.SCALES["gpu"])
+    assert len(plan) == 8  # {C-SGD, ring, grid, exponential} x {1024, 8192}, one seed
+    for s in plan:
+        t = s.cfg.train
+        assert (t.workers, t.steps, t.warmup_steps, t.milestones) == (16, 6000, 200, [2400, 4800])
+        assert s.cfg.model.name == "resnet20" and s.cfg.data.name == "fashion-mnist"
+        assert t.shuffle_topology == "paper"
+        assert (s.total_batch, s.lr) in ((1024, 0.1), (8192, 0.8))  # linear scaling
+    net = build_model("resnet20", 10, (1, 28, 28))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the gpu scale would train")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        R.reproduce(tmp_path, R.SCALES["gpu"], log=lambda s: None)
+
+
+def test_cpu_scale_protocols_and_early_runs():
+    plan = R.settings(R.SCALES["cpu"])
+    n4096 = [s for s in plan if s.protocol == "n4096"]
+    assert len(n4096) == 4 * 2 * 3  # {C-SGD, 3 topologies} x 2 batches x 3 seeds
+    for s in n4096:
+        t = s.cfg.train
+        assert s.cfg.data.n_train == 4096 and s.experiment == "large_batch"
+        assert (t.steps, t.warmup_steps, t.milestones) == (2000, 200, [1000, 1500])
+        assert (s.total_batch, s.lr) in ((256, 0.05), (2048, 0.4))
+    probes = [s for s in plan if s.experiment == "probe"]
+    assert {s.label for s in probes} == {"C-SGD", "D-SGD ring"}
+    assert len({s.protocol for s in probes}) == len(R.CPU_PROBES)
+    early = R.early_settings(R.SCALES["cpu"], plan)
+    assert len(early) == 4 * 3 and all(s.total_batch == 2048 for s in early)
+    for s in early:  # stops at the first decay with the same schedule up to it
+        assert (s.cfg.train.steps, s.cfg.train.milestones) == (240, [])
+        assert s.cfg.train.warmup_steps == 30 and s.cfg.train.lr == 0.8
+
+
 # ---------------------------------------------------------------- lockstep closed forms
 
 
