@@ -69,7 +69,8 @@ class Scale:
     topologies: tuple[str, ...] = ("ring", "grid", "exponential")
     seeds: int = 3
     overrides: tuple[str, ...] = ()
-    title: str = "main"
+    title: str = "main"  # the main protocol's name
+    description: str = ""  # and what it is
     protocols: tuple[Protocol, ...] = ()
     # trade-off: extra D-SGD learning rates at the small batch (first seed only)
     tradeoff_lrs: tuple[float, ...] = ()
@@ -104,8 +105,9 @@ class Scale:
 
     def all_protocols(self) -> tuple[Protocol, ...]:
         """The main protocol first, then the others."""
-        main = Protocol(self.title, self.title, self.batches, self.overrides, self.topologies,
-                        self.seeds, True, self.preset)
+        main = Protocol(self.title, self.description or f"preset {self.preset}",
+                        self.batches, self.overrides, self.topologies, self.seeds, True,
+                        self.preset)
         return (main, *self.protocols)
 
 
@@ -143,16 +145,22 @@ CPU_PROBES = (
 SCALES: dict[str, Scale] = {
     # the main protocol: the full Fashion-MNIST training set, 600 steps
     "cpu": Scale(name="cpu", preset="cpu_fashion_mlp", batches=((16, 0.1), (128, 0.8)),
-                 title="full", protocols=(N4096, *CPU_PROBES), tradeoff_lrs=(0.05, 0.2, 0.4)),
+                 title="full", description="Fashion-MNIST, all 60000 training samples, 600 "
+                 "steps (warmup 30, milestones 240/480), total batch 256 (lr 0.1) vs 2048 "
+                 "(lr 0.8)", protocols=(N4096, *CPU_PROBES), tradeoff_lrs=(0.05, 0.2, 0.4)),
     # a BatchNorm conv net at the paper's batches and iterations (GPU): resnet20 on
     # Fashion-MNIST, 1024 = 16 x 64 at lr 0.1 vs 8192 = 16 x 512 at lr 0.8
     "gpu": Scale(name="gpu", preset="gpu_fashion_resnet20", batches=((64, 0.1), (512, 0.8)),
-                 title="resnet20", seeds=1, analysis_samples=2048, sweep_lrs=None,
+                 title="resnet20", description="resnet20 (BatchNorm) on Fashion-MNIST, 6000 "
+                 "steps (warmup 200, milestones 2400/4800), total batch 1024 (lr 0.1) vs 8192 "
+                 "(lr 0.8)", seeds=1, analysis_samples=2048, sweep_lrs=None,
                  scaling_scales=None, lockstep_steps=None, needs_gpu=True),
     # the paper's CIFAR-10 ResNet-18 runs (GPU): 1024 = 16 x 64 at 0.1, 8192 = 16 x 512 at 0.8
     "paper": Scale(name="paper", preset="paper_cifar10_resnet18", batches=((64, 0.1),
                                                                            (512, 0.8)),
-                   title="resnet18", seeds=1, analysis_samples=2048, sweep_lrs=None,
+                   title="resnet18", description="the paper's CIFAR-10 ResNet-18, 6000 steps, "
+                   "total batch 1024 (lr 0.1) vs 8192 (lr 0.8)", seeds=1,
+                   analysis_samples=2048, sweep_lrs=None,
                    scaling_scales=None, lockstep_steps=None, needs_gpu=True),
 }
 
@@ -160,7 +168,8 @@ _QUICK_RUN = ("train.warmup_steps=2", "train.milestones=[8, 16]", "log.eval_ever
               "log.checkpoint_every=10")
 # --quick: the cpu pipeline, same code path, on a few hundred samples and a few steps
 QUICK = replace(
-    SCALES["cpu"], name="quick", seeds=2, topologies=("ring",), tradeoff_lrs=(0.4,),
+    SCALES["cpu"], name="quick", description="full at --quick: 1024 training samples, 20 "
+    "steps, MLP 32, 8 workers", seeds=2, topologies=("ring",), tradeoff_lrs=(0.4,),
     overrides=("data.n_train=1024", "data.n_test=500", "train.steps=20", *_QUICK_RUN,
                "model.options={hidden = [32]}", "train.workers=8"),
     protocols=(replace(N4096, title="n4096 at --quick: 512 training samples, 20 steps",

@@ -81,6 +81,8 @@ def verdict_large_batch(results: dict) -> list[Verdict]:
     out: list[Verdict] = []
     runs = [r for r in results.get("runs") or [] if r.get("experiment") == "large_batch"]
     for proto in results.get("protocols") or []:
+        if not proto.get("graded", True) or len(proto["batches"]) != 2:
+            continue  # a probe is reported, not graded
         name = proto["name"]
         small, large = proto["batches"]
         rows = group_runs([r for r in runs if r.get("protocol", "") == name], ["test_acc"])
@@ -236,6 +238,11 @@ def _verdict_scaling(scaling: dict | None) -> list[Verdict]:
             above = [r for r in rs if finite(r.get(f"{key}_noise"))
                      and r[key] > Z * r[f"{key}_noise"]] if key == "res_adsam" else rs
             b, se, n = regression([r["s"] for r in above], [r[key] for r in above])
+            if n < 3:  # measured, but too few points above the noise floor to fit a slope
+                out.append({**missing(f"{claim} ({act} MLP, {name})", f"only {n} of "
+                            f"{len(rs)} residuals are above twice their Monte Carlo noise."),
+                            "status": "inconclusive", "n": n})
+                continue
             out.append(verdict(
                 f"{claim} ({act} MLP, {name})", b - b_sgd - 0.5, _quad(se, se_sgd), n,
                 "effect = slope(res) - slope(res_sgd) - 0.5 (theory: 3 - 2 = 1) over the s "
