@@ -61,9 +61,9 @@ def row_scale(t: Tensor, s: Tensor) -> Tensor:
 
 
 def randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal draws on the generator's device (CPU if None), moved to ``like``'s
-    device and dtype, so a seed gives the same draws on every device."""
-    device = generator.device if generator is not None else torch.device("cpu")
+    """Standard normal draws on the generator's device (``like``'s without one), moved to
+    ``like``'s device and dtype, so a seeded generator gives the same draws on every device."""
+    device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(
         like.device)
 
@@ -105,7 +105,9 @@ def sample_xi(stacked: Stacked, n: int, generator: torch.Generator | None = None
     devs = deviations(stacked)
     first = next(iter(devs.values()))
     m = first.shape[0]
-    z = randn((n, m), first, generator) / math.sqrt(m)  # (n, m)
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    z = torch.randn((n, m), generator=generator, device=gdev, dtype=first.dtype)
+    z = z.to(first.device) / math.sqrt(m)  # (n, m)
     return {k: torch.tensordot(z, d, dims=([1], [0])) for k, d in devs.items()}
 
 

@@ -15,7 +15,8 @@ Tensors with at most one axis (biases, BatchNorm weight and bias) are zeroed, th
 networks with different weight scales comparable.
 
 ``loss_fn`` maps one model's parameters {name: shape} to a scalar loss tensor; batches and
-buffers live in its closure. It is evaluated under ``torch.no_grad``.
+buffers live in its closure. It is evaluated under ``torch.no_grad``. The plots are
+``dsgd.report.figures.plot_surface`` / ``plot_surfaces`` / ``plot_interpolation``.
 """
 
 from __future__ import annotations

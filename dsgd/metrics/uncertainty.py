@@ -7,11 +7,13 @@ covariance of the weights at no extra training cost. Three predictive distributi
     averaged   p(y|x, w_a)                                    the model D-SGD reports
     ensemble   (1/m) sum_j p(y|x, w_j)                        the local models as an ensemble
     posterior  (1/S) sum_s p(y|x, w_a + eps_s), eps_s ~ N(0, Xi)   Gaussian posterior samples,
-               drawn with the low-rank sampler of ``dsgd.optim.avg_sam`` (as in SWAG,
+               drawn with the low-rank sampler ``dsgd.treemath.sample_xi`` (as in SWAG,
                Maddox et al. 2019, with D-SGD's local models in place of SGD iterates)
 
 Metrics take class probabilities ``probs`` (N, C) and integer ``labels`` (N,); for logits pass
 ``logits.softmax(-1)``. They return Python floats, averaged over the N examples.
+``member_spread`` says how different the local models' predictions are (all three coincide
+when it is 0). The reliability diagram is ``dsgd.report.figures.plot_reliability``.
 """
 
 from __future__ import annotations

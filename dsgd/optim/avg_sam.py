@@ -28,22 +28,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
 
 from dsgd._types import Stacked
 from dsgd.optim.sam import GradFn
-from dsgd.treemath import deviations, sample_xi, smoothed_gradient
+from dsgd.treemath import deviations, randn, sample_xi, smoothed_gradient
 
 __all__ = ["AvgSAM", "Covariance", "FromDeviations", "Isotropic", "VirtualWorkers", "deviations",
            "from_deviations", "isotropic", "sample_low_rank", "virtual_workers"]
-
-
-def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal draws on the generator's device (``like``'s when None), moved to
-    ``like``'s device and dtype."""
-    device = generator.device if generator is not None else like.device
-    z = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return z.to(like.device)
 
 
 def sample_low_rank(devs: Stacked, num: int, generator: torch.Generator | None = None) -> Stacked:
@@ -74,7 +65,7 @@ class Isotropic:
             raise ValueError(f"isotropic sigma must be >= 0, got {self.sigma}")
 
     def sample(self, params: Stacked, generator: torch.Generator | None) -> Stacked:
-        return {k: self.sigma * _randn(tuple(w.shape), w, generator) for k, w in params.items()}
+        return {k: self.sigma * randn(tuple(w.shape), w, generator) for k, w in params.items()}
 
 
 @dataclass(frozen=True, eq=False)
