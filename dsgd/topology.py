@@ -273,16 +273,30 @@ class Topology:
         return cls(name, P.shape[0], lambda step: P, stochastic=kind)
 
 
-def permuted(topology: Topology, seed: int = 0) -> Topology:
-    """Random shuffle (the paper's option): P'(t) = Pi_t^T P(t) Pi_t with a fresh random
-    permutation Pi_t each step, drawn from a generator seeded by (seed, t)."""
+SHUFFLES = ("symmetric", "paper")
+
+
+def permuted(topology: Topology, seed: int = 0, mode: str = "symmetric") -> Topology:
+    """A random relabelling of the workers at every step, from a generator seeded by (seed, t).
+
+    ``symmetric``: P'(t) = Pi_t^T P(t) Pi_t, one fresh permutation Pi_t: the same graph with the
+    workers relabelled (symmetric if P is, same spectrum, the self-weight stays on the
+    diagonal). ``paper``: P'(t) = Pi1_t^T P(t) Pi2_t with two independent permutations, as the
+    released code of Zhu et al. (ICML 2023) draws it: still doubly stochastic, but neither
+    symmetric nor a relabelling, and its diagonal is mostly zero (a worker mostly does not keep
+    its own weights).
+    """
+    if mode not in SHUFFLES:
+        raise TopologyError(f"unknown shuffle {mode!r}; choose one of {', '.join(SHUFFLES)}")
 
     def schedule(step: int) -> MixingMatrix:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        perm = torch.randperm(topology.m, generator=g)
-        return topology.matrix(step)[perm][:, perm]
+        rows = torch.randperm(topology.m, generator=g)
+        cols = rows if mode == "symmetric" else torch.randperm(topology.m, generator=g)
+        return topology.matrix(step)[rows][:, cols]
 
-    return Topology(f"{topology.name}+shuffle", topology.m, schedule, time_varying=True,
+    suffix = "+shuffle" if mode == "symmetric" else "+paper-shuffle"
+    return Topology(f"{topology.name}{suffix}", topology.m, schedule, time_varying=True,
                     stochastic=topology.stochastic)
 
 
@@ -293,9 +307,10 @@ STATIC = {
 NAMES = sorted([*STATIC, "one_peer_exponential", "directed_exponential", "random_regular"])
 
 
-def make_topology(name: str, m: int, *, shuffle: bool = False, seed: int = 0,
+def make_topology(name: str, m: int, *, shuffle: bool | str = False, seed: int = 0,
                   degree: int = 4) -> Topology:
-    """Build a topology by name (the config/CLI entry point); ``shuffle`` adds ``permuted``."""
+    """Build a topology by name (the config/CLI entry point). ``shuffle`` adds ``permuted``:
+    True or "symmetric" (Pi^T P Pi), "paper" (Pi1^T P Pi2), False for none."""
     if name in STATIC:
         topo = Topology.static(name, STATIC[name](m))
     elif name == "one_peer_exponential":
@@ -315,4 +330,6 @@ def make_topology(name: str, m: int, *, shuffle: bool = False, seed: int = 0,
         topo = Topology.static(name, random_regular(m, degree, seed))
     else:
         raise TopologyError(f"unknown topology {name!r}; choose one of {', '.join(NAMES)}")
-    return permuted(topo, seed) if shuffle else topo
+    if shuffle is False:
+        return topo
+    return permuted(topo, seed, "symmetric" if shuffle is True else shuffle)

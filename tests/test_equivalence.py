@@ -7,7 +7,7 @@ from torch import nn
 from dsgd.metrics._func import flatten, flatten_stacked, make_loss_fn, module_params, tree_add
 from dsgd.metrics._func import tree_norm as norm
 from dsgd.metrics.consensus import average, consensus_distance, deviations
-from dsgd.metrics.equivalence import Decomposition, adsam_gradient, decompose
+from dsgd.metrics.equivalence import Decomposition, adsam_estimate, adsam_gradient, decompose
 
 D = torch.float64
 SHAPES = {"a": (3,), "b": (2, 2)}  # P = 7, two named tensors
@@ -144,3 +144,30 @@ def test_loop_equals_vmap(mlp):
 def test_num_samples_validated():
     with pytest.raises(ValueError):
         decompose(quartic, rand_stack(3, 0), num_samples=0)
+
+
+def test_quartic_control_variate_is_exact_for_every_draw():
+    # per pair (w + e)^3 / 2 + (w - e)^3 / 2 = w^3 + 3 w e^2, and the control variate
+    # (1/2) L'''[e, e, .] = 3 w e^2 removes the whole draw-dependent part: the estimate is
+    # w^3 + 3 w diag(Xi) = g_2nd with zero Monte Carlo error, from only two pairs
+    s = rand_stack(4, 40, center=1.0, scale=0.5)
+    w = flatten(average(s))
+    diag_xi = (flatten_stacked(deviations(s)) ** 2).mean(0)
+    g, se = adsam_estimate(quartic, average(s), s, 2, gen(9), control_variate=True)
+    assert torch.allclose(flatten(g), w**3 + 3 * w * diag_xi, atol=1e-12)
+    assert norm(se) < 1e-12
+    plain, plain_se = adsam_estimate(quartic, average(s), s, 2, gen(9))
+    assert norm(plain_se) > 1e-3  # without it the same draws are noisy
+    dec = decompose(quartic, s, num_samples=2, generator=gen(9), control_variate=True)
+    assert dec.res_adsam_noise < 1e-12 and dec.control_variate
+
+
+def test_mlp_noise_floor_shrinks_like_s4_with_the_control_variate_and_s2_without(mlp):
+    loss_fn, s = mlp
+    floors = {}
+    for cv in (True, False):
+        floors[cv] = [decompose(loss_fn, shrink(s, c), num_samples=16, generator=gen(10),
+                                control_variate=cv).res_adsam_noise for c in (0.1, 0.05)]
+    assert 12 < floors[True][0] / floors[True][1] < 20  # ~2^4
+    assert 3 < floors[False][0] / floors[False][1] < 5  # ~2^2
+    assert floors[True][1] < floors[False][1]

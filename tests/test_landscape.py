@@ -9,11 +9,10 @@ import torch
 from dsgd.metrics.landscape import (
     filter_normalize,
     interpolate,
-    plot_interpolation,
-    plot_surface,
     random_direction,
     surface_2d,
 )
+from dsgd.report.figures import plot_interpolation, plot_surface
 
 D64 = torch.float64
 SHAPES = {"conv.weight": (4, 2, 3, 3), "conv.bias": (4,), "bn.weight": (4,), "fc.weight": (3, 5)}

@@ -338,3 +338,89 @@ def test_zero_consensus_on_a_log_axis_does_not_crash(tmp_path: Path):
     groups = group_runs(find_runs([tmp_path]))
     written = plot_groups(groups, tmp_path / "p", metrics=["consensus"])
     assert written["consensus"].read_bytes()[:8] == PNG_MAGIC
+
+
+def _reproduction_results() -> dict:
+    """A results.json of ``dsgd reproduce`` in miniature: every section has records."""
+    small, large = 256, 2048
+    runs = [{"run": f"{lab}-{tb}-{s}", "experiment": exp, "protocol": proto, "label": lab,
+             "total_batch": tb, "lr": 0.1 * tb / small, "seed": s, "status": status,
+             "test_acc": acc + s, "train_acc": acc + 1, "train_loss": 0.3 + 0.01 * s,
+             "consensus_mean": 0.0 if lab == "C-SGD" else 0.01 * (s + 1), "wall_time": 10.0,
+             "time_per_step": 0.02, "steps_done": 33 if status == "diverged" else 600,
+             "last_test_acc": acc}
+            for proto, exp in (("full", "large_batch"), ("probe-b4096", "probe"))
+            for lab in ("C-SGD", "D-SGD ring") for tb in (small, large)
+            for s in ((0, 1, 2) if exp == "large_batch" else (0,))
+            for acc, status in [((80.0 if tb == small else 75.0),
+                                 "diverged" if exp == "probe" and tb == large else "finished")]]
+    curve = {"conf": [0.5, None, 0.9], "acc": [0.4, None, 0.95], "count": [10, 0, 20]}
+    unc = [{"label": lab, "total_batch": large, "seed": s, "phase": ph, "members": 16,
+            "consensus": 0.1, "prob_spread": 0.02, "disagreement": 0.1,
+            **{k: {"accuracy": 0.8, "nll": 0.5 - 0.01 * i, "ece": 0.05 - 0.01 * i,
+                   "curve": curve} for i, k in enumerate(("averaged", "ensemble", "posterior"))}}
+           for lab in ("C-SGD", "D-SGD ring") for ph in ("early", "final") for s in range(2)]
+    lock = [[{"step": t, "dist_adsam": 0.01 * t, "dist_sgd": 0.02 * t, "consensus": 0.1,
+              "travel": 0.1 * t, "adsam_noise": 0.01, "lip_dsgd": 2.0,
+              "lip_dsgd_smoothed": 1.0, "lip_sgd": 2.5} for t in (0, 5, 10)] for _ in range(2)]
+    sweep = [{"activation": "tanh", "lr": lr, "seed": 0, "step": 10, "consensus": lr ** 2,
+              "res_sgd": lr ** 2, "res_adsam": lr ** 3, "res_adsam_noise": lr ** 4,
+              "res_2nd": lr ** 3} for lr in (0.4, 0.2, 0.1)]
+    scaling = [{"activation": "tanh", "lr": 0.1, "steps": 10, "pairs": 8, "s": s,
+                "consensus": s ** 2, "res_sgd": s ** 2, "res_2nd": s ** 3, "res_adsam": s ** 3,
+                "res_adsam_noise": s ** 4, "res_adsam_plain": s ** 2,
+                "res_adsam_plain_noise": s ** 2} for s in (1.0, 0.5, 0.25)]
+    grid = [[0.1 * (a * a + b * b) for b in range(3)] for a in range(3)]
+    return {"scale": "quick", "preset": "cpu_fashion_mlp", "seeds": 3,
+            "base_config": {"train": {"workers": 16}, "data": {}, "model": {}},
+            "protocols": [{"name": "full", "title": "main", "graded": True,
+                           "batches": [small, large], "lrs": {"256": 0.1, "2048": 0.8}},
+                          {"name": "probe-b4096", "title": "probe", "graded": False,
+                           "batches": [small, large]}],
+            "runs": runs, "early_runs": [],
+            "sharpness": [{"label": lab, "total_batch": large, "seed": s, "protocol": "full",
+                           "hessian_trace": 10.0 + s, "hessian_trace_stderr": 0.5,
+                           "top_eigenvalue": 2.0, "xi_trace": 0.1, "train_loss_fixed": 0.3}
+                          for lab in ("C-SGD", "D-SGD ring") for s in range(3)],
+            "landscape": {"C-SGD": {"alphas": [-1, 0, 1], "betas": [-1, 0, 1], "Z": grid}},
+            "uncertainty": unc, "lockstep_by_lr": {"0.2": lock},
+            "lockstep_settings": {"steps": 10, "samples": 8, "radius": 0.05},
+            "sweep": {"rows": sweep, "pairs": 16, "steps": 10}, "scaling": {"rows": scaling},
+            "wall_time": 1.0}
+
+
+def test_reproduction_report_never_imports_torch_the_engine_or_the_experiments(tmp_path: Path):
+    out = tmp_path / "repro"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(_reproduction_results()))
+    code = (
+        "import sys; from dsgd.report.reproduction.__main__ import main; "
+        f"assert main([{str(out)!r}]) == 0; "
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'torch' or 'dsgd.engine' in m "
+        "or 'dsgd.experiments' in m]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    text = (out / "REPORT.md").read_text()
+    assert "This is the `--quick` scale" in text
+    for section in ("What reproduced", "1. Large batch", "1b. Large batch: probes",
+                    "2. Sharpness", "3. D-SGD and", "Deviation scaling", "4. Uncertainty",
+                    "5. Regularization", "## Reproduce"):
+        assert section in text
+    assert "NaN at step 33 (75.00)" in text  # a diverged probe, generated from its record
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert all({"status", "effect", "se", "n", "rule"} <= set(v) for v in verdicts)
+    for name in ("large_batch_full", "landscape", "lockstep", "sweep", "reliability_early",
+                 "reliability_final", "tradeoff"):
+        assert (out / "figures" / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_stats_is_the_one_stat_and_spearman():
+    from dsgd.report import stats, tables
+
+    assert tables.stat is stats.stat and tables.format_stat is stats.format_stat
+    s = stats.stat([1.0, 2.0, 3.0, None, float("nan")])
+    assert (s["mean"], s["std"], s["n"]) == (2.0, 1.0, 3)
+    assert stats.se_of(s) == pytest.approx(1 / math.sqrt(3))
+    assert math.isnan(stats.se_of(stats.stat([1.0])))
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 15, 40]) == pytest.approx(0.8)
+    assert stats.loglog_slope([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)

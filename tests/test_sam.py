@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,7 +16,17 @@ from dsgd.optim.avg_sam import (
     sample_low_rank,
     virtual_workers,
 )
-from dsgd.optim.sam import SAM, Plain
+from dsgd.optim.sam import SAM
+
+
+@dataclass(frozen=True)
+class Plain:
+    """The plain mini-batch gradient as a gradient rule: ``g_j = grad L_j(w_j)`` (D-SGD, Lian
+    et al. 2017); the identity every rule reduces to when it perturbs nothing."""
+
+    def __call__(self, grad_fn, params, grads, *, generator=None):
+        return grads
+
 
 SHAPES = {"a": (2, 3), "b": (4,)}  # two entries: per-worker norms must span both
 P = 10

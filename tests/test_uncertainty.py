@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 from dsgd.metrics.uncertainty import (
@@ -15,11 +16,11 @@ from dsgd.metrics.uncertainty import (
     ensemble_probs,
     evaluate_uncertainty,
     nll,
-    plot_reliability,
     posterior_probs,
     predictive_entropy,
     reliability_curve,
 )
+from dsgd.report.figures import plot_reliability
 
 D64 = torch.float64
 
@@ -148,3 +149,22 @@ def test_evaluate_uncertainty_and_plot(tmp_path):
     path = tmp_path / "reliability.png"
     plot_reliability({"ensemble": reliability_curve(probs, y, 10)}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_member_spread_is_zero_at_consensus_and_measures_disagreement():
+    from torch import nn
+
+    from dsgd.metrics.uncertainty import member_spread
+
+    net = nn.Linear(2, 2, bias=False).to(D64)
+    x = torch.tensor([[1.0, 0.0]], dtype=D64)
+    same = {"weight": torch.eye(2, dtype=D64).expand(3, 2, 2).contiguous()}
+    out = member_spread(net, same, None, x)
+    assert out == {"members": 3, "disagreement": 0.0, "prob_spread": 0.0}
+    # two members, logits (+a, -a) and (-a, +a) for class 0/1: p = (s, 1-s) and (1-s, s)
+    a = 1.0
+    w = torch.stack([torch.tensor([[a, 0.0], [-a, 0.0]]), torch.tensor([[-a, 0.0], [a, 0.0]])])
+    out = member_spread(net, {"weight": w.to(D64)}, None, x)
+    s = torch.sigmoid(torch.tensor(2 * a, dtype=D64)).item()
+    assert out["prob_spread"] == pytest.approx(abs(s - 0.5))  # TV to the uniform ensemble
+    assert out["members"] == 2

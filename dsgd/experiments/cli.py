@@ -141,7 +141,8 @@ def _floats(text: str) -> list[float]:
 
 def _equivalence(args) -> int:
     from dsgd.experiments import config as C
-    from dsgd.experiments.equivalence import lr_sweep, sweep_markdown, write_sweep
+    from dsgd.experiments.equivalence import lr_sweep
+    from dsgd.report.reproduction.sweep import sweep_markdown, write_sweep
 
     cfg = C.load(args.config, ["log.progress=false", *args.set])
     rows = []
@@ -220,14 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=_equivalence)
 
     rp = sub.add_parser("reproduce", help="the paper's experiments and a report")
-    rp.add_argument("--scale", choices=["cpu", "paper"], default="cpu")
+    rp.add_argument("--scale", choices=["cpu", "gpu", "paper"], default="cpu",
+                    help="cpu: Fashion-MNIST MLP protocols; gpu: resnet20 (BatchNorm) on "
+                         "Fashion-MNIST at total batch 1024 vs 8192; paper: CIFAR-10 ResNet-18")
     rp.add_argument("--quick", action="store_true", help="CI-size run of the same pipeline")
     rp.add_argument("--seeds", type=int, help="seeds per setting (default: the scale's)")
     rp.add_argument("--out", default="runs/reproduce")
     rp.add_argument("--data-dir", help="data directory (CIFAR-10 python layout for paper)")
     rp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     rp.add_argument("--threads", type=int, help="torch threads")
-    rp.add_argument("--force", action="store_true", help="--scale paper without a GPU")
+    rp.add_argument("--force", action="store_true", help="--scale gpu/paper without a GPU")
     rp.set_defaults(fn=_reproduce)
 
     from dsgd.experiments import config_doc  # `dsgd config` and the --help name lists

@@ -51,7 +51,9 @@ class ModelConfig:
 class TrainConfig:
     algorithm: str = "dsgd"  # dsgd | csgd
     topology: str = "ring"  # the mixing graph: ring | grid | torus | exponential | ...
-    shuffle_topology: bool = False  # P' = Pi^T P Pi with a fresh permutation every step
+    # relabel the workers every step: false | true or "symmetric" (P' = Pi^T P Pi, one fresh
+    # permutation) | "paper" (P' = Pi1^T P Pi2, two independent ones, as the paper's code)
+    shuffle_topology: bool | str = False
     workers: int = 16  # m, the number of D-SGD workers
     batch_size: int = 32  # per worker; the total batch is workers * batch_size
     steps: int = 1000  # training iterations (every worker takes one step each)
@@ -110,7 +112,13 @@ def _check_type(where: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) > 1 and all(a in (int, float, str, bool) for a in kinds):
+            if not any(type(value) is a for a in kinds):  # bool | str: either, as given
+                names = " or ".join(a.__name__ for a in kinds)
+                raise ConfigError(f"{where} must be {names}, got {value!r}")
+            return value
+        hint = kinds[0]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -184,6 +192,9 @@ def validate(cfg: Config) -> Config:
     need(t.momentum >= 0 and t.weight_decay >= 0, "train.momentum and train.weight_decay "
                                                    "must be >= 0")
     need(not t.nesterov or t.momentum > 0, "train.nesterov needs train.momentum > 0")
+    need(t.shuffle_topology in (False, True, "symmetric", "paper"),
+         f"train.shuffle_topology must be false, true, \"symmetric\" or \"paper\", got "
+         f"{t.shuffle_topology!r}")
     need(t.gossip_every >= 1, f"train.gossip_every must be >= 1, got {t.gossip_every}")
     need(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}")
     need(t.buffers in ("gossip", "local"), "train.buffers must be gossip or local")

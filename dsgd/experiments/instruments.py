@@ -4,8 +4,9 @@
   consensus-weighted trace Tr(H Xi) = (1/m) sum_j d_j^T H d_j, the sharpness term D-SGD
   minimizes implicitly (Zhu et al., ICML 2023).
 - ``equivalence``: relative distances of g_dsgd = (1/m) sum_j grad L(w_j) to grad L(w_a) (SGD),
-  to E_{eps~N(0,Xi)} grad L(w_a + eps) (average-direction SAM) and to the second-order
-  prediction grad L(w_a) + grad (1/2) Tr(H Xi).
+  to E_{eps~N(0,Xi)} grad L(w_a + eps) (average-direction SAM; 8 antithetic pairs with the
+  second-order control variate, its Monte Carlo noise floor logged beside it) and to the
+  second-order prediction grad L(w_a) + grad (1/2) Tr(H Xi).
 - ``uncertainty``: accuracy, NLL, ECE and Brier of the averaged model, the ensemble of local
   models and the Xi-posterior N(w_a, Xi), on the test set.
 
@@ -58,9 +59,9 @@ def measure(engine, dataset, log, seed: int = 0) -> dict[str, float]:
     if "hessian" in log.instruments:
         row.update(sharpness(loss_fn, w_a, stacked, generator=gen))
     if "equivalence" in log.instruments and engine.m > 1:
-        dec = decompose(loss_fn, stacked, num_samples=8, generator=gen)
+        dec = decompose(loss_fn, stacked, num_samples=8, generator=gen, control_variate=True)
         row.update(residual_sgd=dec.res_sgd, residual_adsam=dec.res_adsam,
-                   residual_2nd=dec.res_2nd)
+                   residual_adsam_noise=dec.res_adsam_noise, residual_2nd=dec.res_2nd)
     if "uncertainty" in log.instruments:
         k = UNCERTAINTY_TEST_SAMPLES
         res = evaluate_uncertainty(engine.model, stacked, engine.worker_buffers,

@@ -1,5 +1,5 @@
 """Functional helpers shared by the metrics: a loss as a pure function of a parameter dict,
-and small tree operations on ``Params`` (dicts of tensors with the same keys).
+flat views, batched gradients, and the tree operations of ``dsgd.treemath``.
 
 Every metric in ``dsgd.metrics`` takes ``loss_fn: Callable[[Params], Tensor]`` (a scalar), so it
 can be differentiated any number of times with ``torch.func`` (grad, jvp, vmap).
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from dsgd import treemath
 from dsgd._types import Params
 
 LossFn = Callable[[Params], Tensor]
@@ -109,46 +110,11 @@ def stack_trees(trees: list[Params]) -> dict[str, Tensor]:
     return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
 
 
-# --- tree arithmetic ------------------------------------------------------------------------
+# --- tree arithmetic: dsgd.treemath, under the names the metrics use ------------------------
 
-
-def tree_add(a: Params, b: Params, alpha: float = 1.0) -> Params:
-    """``a + alpha * b``, key by key."""
-    return {k: a[k] + alpha * b[k] for k in a}
-
-
-def tree_scale(a: Params, c: float) -> Params:
-    return {k: c * a[k] for k in a}
-
-
-def tree_dot(a: Params, b: Params) -> Tensor:
-    """``<a, b>`` over all entries (a 0-dim tensor)."""
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-def tree_norm(a: Params) -> float:
-    """Global Euclidean norm ``||a||`` over all entries."""
-    return float(torch.sqrt(sum(a[k].double().pow(2).sum() for k in a)))
-
-
-def tree_detach(a: Params) -> Params:
-    return {k: v.detach() for k, v in a.items()}
-
-
-def random_like(params: Params, generator: torch.Generator | None, kind: str = "normal") -> Params:
-    """A random tree shaped as ``params``: ``kind`` is ``"normal"`` or ``"rademacher"`` (+-1).
-
-    Draws on the generator's device (CPU by default) and moves the result to the parameters'.
-    """
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    out = {}
-    for k, p in params.items():
-        if kind == "normal":
-            r = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=gdev)
-        elif kind == "rademacher":
-            r = torch.randint(0, 2, p.shape, generator=generator, device=gdev).to(p.dtype)
-            r = 2 * r - 1
-        else:
-            raise ValueError(f"unknown kind {kind!r}; use 'normal' or 'rademacher'")
-        out[k] = r.to(p.device)
-    return out
+tree_add = treemath.add
+tree_scale = treemath.scale
+tree_dot = treemath.dot
+tree_norm = treemath.norm
+tree_detach = treemath.detach
+random_like = treemath.random_like

@@ -16,22 +16,17 @@ of the m deviations.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from dsgd import treemath
 from dsgd._types import Params, Stacked
+from dsgd.treemath import deviations
 
 
 def average(stacked: Stacked) -> Params:
     """The global average ``w_a = (1/m) sum_j w_j``: ``{name: (m, *shape)} -> {name: shape}``."""
     return {k: s.mean(0) for k, s in stacked.items()}
-
-
-def deviations(stacked: Stacked) -> Stacked:
-    """The deviations ``d_j = w_j - w_a``, stacked like the input; they sum to zero over j."""
-    return {k: s - s.mean(0, keepdim=True) for k, s in stacked.items()}
 
 
 def per_layer_consensus(stacked: Stacked) -> dict[str, float]:
@@ -77,22 +72,7 @@ def consensus_spectrum(stacked: Stacked, k: int) -> Tensor:
     return torch.cat([ev, ev.new_zeros(k - m)])
 
 
-def sample_xi_stacked(
-    stacked: Stacked, n: int, generator: torch.Generator | None = None
-) -> Stacked:
-    """Draw n samples eps ~ N(0, Xi) as ``eps = (1/sqrt(m)) sum_j z_j d_j``, z ~ N(0, I_m).
-
-    Returns them stacked, ``{name: (n, *shape)}``. Exact, not an approximation:
-    Cov(eps) = (1/m) sum_j d_j d_j^T = Xi. Each sample lies in the span of the deviations.
-    The normal draws are made on the generator's device (CPU if None).
-    """
-    devs = deviations(stacked)
-    first = next(iter(devs.values()))
-    m = first.shape[0]
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    z = torch.randn(n, m, generator=generator, dtype=first.dtype, device=gdev)
-    z = z.to(first.device) / math.sqrt(m)  # (n, m)
-    return {k: torch.tensordot(z, d, dims=([1], [0])) for k, d in devs.items()}  # (n, *shape)
+sample_xi_stacked = treemath.sample_xi  # n draws of N(0, Xi), {name: (n, *shape)}
 
 
 def sample_xi(stacked: Stacked, n: int, generator: torch.Generator | None = None) -> list[Params]:

@@ -202,8 +202,27 @@ def grad_xi_weighted_trace(
     ``vectorize=False``. Zero for a quadratic loss.
     """
 
-    def third(d: Params) -> Params:
-        return jvp(lambda w: hvp(loss_fn, w, d), (w_a,), (d,))[1]
+    t = third_directional(loss_fn, w_a, devs, vectorize, chunk_size)  # {name: (m, *shape)}
+    return {k: 0.5 * v.mean(0) for k, v in t.items()}
 
-    t = _batched(third, devs, vectorize, chunk_size)  # {name: (m, *shape)}
-    return {k: 0.5 * v.detach().mean(0) for k, v in t.items()}
+
+def third_directional(
+    loss_fn: LossFn,
+    w: Params,
+    dirs: Stacked,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
+) -> Stacked:
+    """``L3(w)[d_i, d_i, .]`` (the third derivative along d_i twice) for each row d_i of
+    ``dirs`` {name: (n, *shape)}, detached.
+
+    Third derivatives are symmetric, so L3[d, d, .] = d/dt H(w + t d) d at t = 0: a
+    forward-mode jvp of the HVP (forward-over-forward-over-reverse), vmapped over the rows
+    unless ``vectorize=False``. Half of it is the second-order term of grad L(w + d) - grad L(w)
+    that the antithetic pair (+d, -d) keeps.
+    """
+
+    def third(d: Params) -> Params:
+        return jvp(lambda v: hvp(loss_fn, v, d), (w,), (d,))[1]
+
+    return {k: v.detach() for k, v in _batched(third, dirs, vectorize, chunk_size).items()}

@@ -15,18 +15,19 @@ Tensors with at most one axis (biases, BatchNorm weight and bias) are zeroed, th
 networks with different weight scales comparable.
 
 ``loss_fn`` maps one model's parameters {name: shape} to a scalar loss tensor; batches and
-buffers live in its closure. It is evaluated under ``torch.no_grad``.
+buffers live in its closure. It is evaluated under ``torch.no_grad``. The plots are
+``dsgd.report.figures.plot_surface`` / ``plot_surfaces`` / ``plot_interpolation``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from dsgd._types import Params
+from dsgd.treemath import randn, row_scale
 
 LossFn = Callable[[Params], Tensor]
 
@@ -66,7 +67,7 @@ def filter_normalize(direction: Params, params: Params, ignore_biasbn: bool = Tr
         d_norm = d.flatten(1).norm(dim=1)  # (filters,)
         w_norm = w.detach().flatten(1).norm(dim=1)  # (filters,)
         scale = w_norm / (d_norm + 1e-10)
-        out[k] = d * scale.view(-1, *([1] * (d.dim() - 1)))
+        out[k] = row_scale(d, scale)
     return out
 
 
@@ -74,11 +75,7 @@ def random_direction(
     params: Params, generator: torch.Generator | None = None, ignore_biasbn: bool = True
 ) -> Params:
     """A Gaussian direction shaped like ``params``, filter-normalized; drawn in dict order."""
-    d = {}
-    for k, w in params.items():
-        device = generator.device if generator is not None else w.device
-        z = torch.randn(w.shape, generator=generator, device=device, dtype=w.dtype)
-        d[k] = z.to(w.device)
+    d = {k: randn(tuple(w.shape), w, generator) for k, w in params.items()}
     return filter_normalize(d, params, ignore_biasbn)
 
 
@@ -112,55 +109,3 @@ def surface_2d(
             w = {n: params[n] + a * d1[n] + b * d2[n] for n in params}
             Z[i, k] = float(loss_fn(w))
     return alphas, betas, Z
-
-
-def _canvas(figsize: tuple[float, float]):
-    """A Figure on matplotlib's Agg canvas; no global backend is changed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_surface(
-    alphas: Tensor,
-    betas: Tensor,
-    Z: Tensor,
-    path: str | Path,
-    levels: int = 30,
-    title: str | None = None,
-) -> None:
-    """Contour plot of ``surface_2d``'s output as a PNG; the centre (0, 0) is w."""
-    import numpy as np
-
-    A, B = np.meshgrid(alphas.cpu().numpy(), betas.cpu().numpy(), indexing="ij")
-    fig = _canvas((5, 4.2))
-    ax = fig.add_subplot()
-    cs = ax.contour(A, B, Z.cpu().numpy(), levels=levels, cmap="viridis")
-    ax.clabel(cs, inline=True, fontsize=6)
-    ax.plot([0], [0], "k+", ms=8)
-    ax.set(xlabel="direction 1", ylabel="direction 2", title=title or "")
-    fig.colorbar(cs, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def plot_interpolation(
-    curves: Mapping[str, tuple[Tensor, Tensor]],
-    path: str | Path,
-    title: str | None = None,
-    log_y: bool = False,
-) -> None:
-    """Loss against a, one line per ``interpolate`` output in ``curves``, as a PNG."""
-    fig = _canvas((5, 3.6))
-    ax = fig.add_subplot()
-    for name, (alphas, losses) in curves.items():
-        ax.plot(alphas.cpu().numpy(), losses.cpu().numpy(), marker="o", ms=2, label=name)
-    ax.set(xlabel="a  (w = (1 - a) w0 + a w1)", ylabel="loss", title=title or "")
-    if log_y:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)

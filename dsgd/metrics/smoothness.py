@@ -20,6 +20,7 @@ import torch
 
 from dsgd._types import Params, Stacked
 from dsgd.metrics._func import LossFn, batched_grad, random_like, stack_trees, tree_scale
+from dsgd.treemath import smoothed_gradient
 
 # sampler(n, generator) -> n perturbations eps ~ N(0, Sigma), each shaped like the parameters
 CovSampler = Callable[[int, "torch.Generator | None"], list[Params]]
@@ -97,12 +98,13 @@ def smoothed_gradient_lipschitz(
     dirs = _unit_dirs(params, num_dirs, generator)
     eps = stack_trees(cov_sampler(num_samples, generator))  # {name: (K, *shape)}
 
+    draws = [{k: e[i:i + 1] for k, e in eps.items()} for i in range(num_samples)]
+
     def grad_at(points: Stacked) -> Stacked:  # one vmap over the 2K samples per point
         n = next(iter(points.values())).shape[0]
-        out = []
-        for i in range(n):
-            pts = {k: torch.cat([points[k][i] + e, points[k][i] - e]) for k, e in eps.items()}
-            out.append({k: g.mean(0) for k, g in batched_grad(loss_fn, pts, vectorize).items()})
-        return stack_trees(out)
+        return stack_trees([{k: v[0] for k, v in smoothed_gradient(
+            lambda pts: batched_grad(loss_fn, pts, vectorize),
+            {k: p[i:i + 1] for k, p in points.items()}, draws, together=True,
+            with_se=False).mean.items()} for i in range(n)])
 
     return _ratios(grad_at, params, radius, dirs)

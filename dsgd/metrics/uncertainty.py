@@ -7,25 +7,26 @@ covariance of the weights at no extra training cost. Three predictive distributi
     averaged   p(y|x, w_a)                                    the model D-SGD reports
     ensemble   (1/m) sum_j p(y|x, w_j)                        the local models as an ensemble
     posterior  (1/S) sum_s p(y|x, w_a + eps_s), eps_s ~ N(0, Xi)   Gaussian posterior samples,
-               drawn with the low-rank sampler of ``dsgd.optim.avg_sam`` (as in SWAG,
+               drawn with the low-rank sampler ``dsgd.treemath.sample_xi`` (as in SWAG,
                Maddox et al. 2019, with D-SGD's local models in place of SGD iterates)
 
 Metrics take class probabilities ``probs`` (N, C) and integer ``labels`` (N,); for logits pass
 ``logits.softmax(-1)``. They return Python floats, averaged over the N examples.
+``member_spread`` says how different the local models' predictions are (all three coincide
+when it is 0). The reliability diagram is ``dsgd.report.figures.plot_reliability``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
 from dsgd._types import Params, Stacked
-from dsgd.metrics.consensus import deviations
-from dsgd.metrics.consensus import sample_xi_stacked as sample_low_rank
+from dsgd.treemath import deviations
+from dsgd.treemath import sample_xi as sample_low_rank
 
 _TINY = 1e-12  # clamps log(0) in nll / entropy
 
@@ -94,28 +95,6 @@ def summarize(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, floa
     }
 
 
-def plot_reliability(curves: Mapping[str, tuple[Tensor, Tensor, Tensor]], path: str | Path):
-    """Reliability diagram: accuracy against confidence per bin, one line per curve, as a PNG.
-
-    ``curves`` maps a label to ``reliability_curve(...)``'s output; empty bins are skipped.
-    Uses matplotlib's Agg canvas directly, so no global backend is changed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="perfect calibration")
-    for name, (bin_conf, bin_acc, bin_count) in curves.items():
-        keep = (bin_count > 0).cpu()
-        ax.plot(bin_conf.cpu()[keep], bin_acc.cpu()[keep], marker="o", ms=3, label=name)
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 # ---------------------------------------------------------------- model-side helpers
 
 
@@ -160,6 +139,28 @@ def ensemble_probs(
         p = _probs(module, _row(stacked_params, j), _row(stacked_buffers, j), x, batch_size)
         total = p if total is None else total + p
     return total / m
+
+
+@torch.no_grad()
+def member_spread(
+    module: torch.nn.Module,
+    stacked_params: Stacked,
+    stacked_buffers: Stacked | None,
+    x: Tensor,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """How different the m local models' predictions are: ``members`` (m), ``disagreement``
+    (the mean fraction of members whose top class differs from the ensemble's) and
+    ``prob_spread`` (the mean total-variation distance (1/2) ||p_j - p_ens||_1 of a member's
+    predictive distribution to the ensemble's). Both are 0 when the models agree, as after
+    consensus, where ensemble and posterior are the averaged model."""
+    m = next(iter(stacked_params.values())).shape[0]
+    probs = torch.stack([_probs(module, _row(stacked_params, j), _row(stacked_buffers, j), x,
+                                batch_size) for j in range(m)])  # (m, N, C)
+    ens = probs.mean(0)
+    return {"members": m,
+            "disagreement": float((probs.argmax(-1) != ens.argmax(-1)).double().mean()),
+            "prob_spread": float(0.5 * (probs - ens).abs().sum(-1).double().mean())}
 
 
 def averaged_probs(

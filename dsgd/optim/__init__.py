@@ -2,8 +2,8 @@
 SAM family (SAM, ASAM, average-direction SAM), and learning-rate schedules."""
 
 from dsgd.optim.avg_sam import AvgSAM, from_deviations, isotropic, virtual_workers
-from dsgd.optim.sam import SAM, Plain
+from dsgd.optim.sam import SAM
 from dsgd.optim.sgd import SGD, SGDState
 
-__all__ = ["SAM", "SGD", "AvgSAM", "Plain", "SGDState", "from_deviations", "isotropic",
+__all__ = ["SAM", "SGD", "AvgSAM", "SGDState", "from_deviations", "isotropic",
            "virtual_workers"]

@@ -28,28 +28,23 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
 
 from dsgd._types import Stacked
-from dsgd.metrics.consensus import deviations, sample_xi_stacked
-from dsgd.optim.sam import GradFn, add
+from dsgd.optim.sam import GradFn
+from dsgd.treemath import deviations, randn, sample_xi, smoothed_gradient
 
-
-def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal draws on the generator's device, moved to ``like``'s device and dtype."""
-    device = generator.device if generator is not None else like.device
-    z = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return z.to(like.device)
+__all__ = ["AvgSAM", "Covariance", "FromDeviations", "Isotropic", "VirtualWorkers", "deviations",
+           "from_deviations", "isotropic", "sample_low_rank", "virtual_workers"]
 
 
 def sample_low_rank(devs: Stacked, num: int, generator: torch.Generator | None = None) -> Stacked:
     """``num`` draws of eps ~ N(0, Xi), Xi = (1/n) sum_i d_i d_i^T, as {name: (num, *shape)}.
 
-    The sampler of ``dsgd.metrics.consensus``: eps = sum_i z_i d_i / sqrt(n), z ~ N(0, I_n),
-    one z across all dict entries (the joint covariance). ``devs`` are already centred, and
-    centring them again changes nothing.
+    ``dsgd.treemath.sample_xi``: eps = sum_i z_i d_i / sqrt(n), z ~ N(0, I_n), one z across
+    all dict entries (the joint covariance). ``devs`` are already centred, and centring them
+    again changes nothing.
     """
-    return sample_xi_stacked(devs, num, generator)
+    return sample_xi(devs, num, generator)
 
 
 class Covariance(Protocol):
@@ -70,7 +65,7 @@ class Isotropic:
             raise ValueError(f"isotropic sigma must be >= 0, got {self.sigma}")
 
     def sample(self, params: Stacked, generator: torch.Generator | None) -> Stacked:
-        return {k: self.sigma * _randn(tuple(w.shape), w, generator) for k, w in params.items()}
+        return {k: self.sigma * randn(tuple(w.shape), w, generator) for k, w in params.items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,16 +151,12 @@ class AvgSAM:
         *,
         generator: torch.Generator | None = None,
     ) -> Stacked:
-        signs = (1.0, -1.0) if self.antithetic else (1.0,)
-        mean: Stacked = {k: torch.zeros_like(g) for k, g in grads.items()}
-        k = 0
-        for _ in range(self.num_samples // len(signs)):
-            with torch.no_grad():
-                eps = self.cov.sample(params, generator)  # perturb: one draw per worker
-            for s in signs:
-                g = grad_fn(add(params, eps, alpha=s))  # gradient at w + eps (same batch)
-                k += 1
-                # running mean: mean <- mean + (g - mean) / k; exact when all draws agree
-                mean = {n: mean[n] + (g[n] - mean[n]) / k for n in mean}
-        # restore is implicit: params was never mutated; the optimizer updates from w itself
-        return mean
+        def draws():  # perturb: one draw per worker row, drawn lazily between gradients
+            for _ in range(self.num_samples // (2 if self.antithetic else 1)):
+                with torch.no_grad():
+                    yield self.cov.sample(params, generator)
+
+        # gradient at w + eps on the same batch; restore is implicit: params is never mutated,
+        # the optimizer updates from w itself
+        return smoothed_gradient(grad_fn, params, draws(), antithetic=self.antithetic,
+                                 with_se=False).mean

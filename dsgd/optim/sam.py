@@ -1,4 +1,4 @@
-"""Gradient rules: which gradient the optimizer sees. Plain, SAM (Foret et al. 2021), ASAM.
+"""Gradient rules: which gradient the optimizer sees. SAM (Foret et al. 2021) and ASAM.
 
 The engine computes every worker's mini-batch gradient with ``grad_fn`` (the batch is fixed
 inside the closure) and hands it, with the weights, to a gradient rule; the rule returns the
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
 
 from dsgd._types import Stacked
+from dsgd.treemath import add, row_norm, row_scale
 
 GradFn = Callable[[Stacked], Stacked]  # stacked weights -> each worker's own mini-batch gradient
 
@@ -46,37 +46,6 @@ class GradientRule(Protocol):
         *,
         generator: torch.Generator | None = None,
     ) -> Stacked: ...
-
-
-def per_worker_norm(tensors: Stacked) -> Tensor:
-    """``||x_j||`` over all entries of row j: returns (m,)."""
-    sq = sum(t.flatten(1).pow(2).sum(1) for t in tensors.values())  # (m,)
-    return sq.sqrt()
-
-
-def per_worker_scale(t: Tensor, s: Tensor) -> Tensor:
-    """``t[j] * s[j]`` for t (m, *shape) and s (m,)."""
-    return t * s.view(-1, *([1] * (t.dim() - 1)))
-
-
-def add(a: Stacked, b: Stacked, alpha: float = 1.0) -> Stacked:
-    """``a + alpha * b`` entrywise, as a new dict."""
-    return {k: a[k].add(b[k], alpha=alpha) for k in a}
-
-
-@dataclass(frozen=True)
-class Plain:
-    """The plain mini-batch gradient: ``g_j = grad L_j(w_j)``, as D-SGD (Lian et al. 2017)."""
-
-    def __call__(
-        self,
-        grad_fn: GradFn,
-        params: Stacked,
-        grads: Stacked,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> Stacked:
-        return grads
 
 
 @dataclass(frozen=True)
@@ -102,11 +71,11 @@ class SAM:
             tg = {k: params[k].abs() * grads[k] for k in grads}  # T g, {name: (m, *shape)}
         else:
             tg = grads
-        scale = self.rho / (per_worker_norm(tg) + self.eps)  # (m,)
+        scale = self.rho / (row_norm(tg) + self.eps)  # (m,)
         if self.adaptive:
             # T^2 g = |w| * (T g)
-            return {k: per_worker_scale(params[k].abs() * tg[k], scale) for k in grads}
-        return {k: per_worker_scale(grads[k], scale) for k in grads}
+            return {k: row_scale(params[k].abs() * tg[k], scale) for k in grads}
+        return {k: row_scale(grads[k], scale) for k in grads}
 
     def __call__(
         self,

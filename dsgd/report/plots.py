@@ -11,13 +11,13 @@ is cheap and no global backend is changed; nothing here imports torch or an engi
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from dsgd.report.figures import figure, save
 from dsgd.report.runs import Group, is_accuracy
 
 # Drawn first, in this order; any other numeric key found in metrics.jsonl follows, sorted.
@@ -109,12 +109,6 @@ def plot_metric(
 
     Returns the path, or None (and writes nothing) when no run has a finite value of ``key``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # log-axis tick labels use mathtext; without TeX fonts matplotlib logs a fallback notice
-    # per glyph family, which is noise in a training log
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     colors = dict(colors or group_colors(groups))
     curves = [(g, *group_curve(g, key, x)) for g in groups]
     curves = [c for c in curves if np.isfinite(c[2]).any()]
@@ -122,8 +116,7 @@ def plot_metric(
         return None
     log = _use_log(key, [c[2] for c in curves])
 
-    fig = Figure(figsize=(6.4, 4.0))
-    FigureCanvasAgg(fig)
+    fig = figure((6.4, 4.0))
     ax = fig.add_subplot()
     for g, xs, mean, std, _n in curves:
         color = colors.get(g.label)
@@ -145,11 +138,7 @@ def plot_metric(
     ax.set(xlabel=x, ylabel=metric_title(key), title=metric_title(key))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, path, dpi=120)
 
 
 def _file_stem(key: str) -> str:

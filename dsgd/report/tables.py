@@ -20,20 +20,7 @@ import numpy as np
 
 from dsgd.errors import UserError
 from dsgd.report.runs import Group, Run, accuracy_scale, find_runs, group_runs
-
-Stat = dict[str, Any]  # {"mean": float | None, "std": float | None, "n": int, "values": [...]}
-
-
-def stat(values: Sequence[float]) -> Stat:
-    """Mean and sample std (ddof=1) of the finite values; None where undefined. JSON-ready."""
-    finite = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    n = len(finite)
-    return {
-        "mean": float(finite.mean()) if n else None,
-        "std": float(finite.std(ddof=1)) if n > 1 else None,
-        "n": n,
-        "values": [v if v is not None and math.isfinite(v) else None for v in values],
-    }
+from dsgd.report.stats import format_stat, stat
 
 
 def _best_test_acc(run: Run) -> float:
@@ -122,18 +109,6 @@ def paper_column(
 
 
 # ---------------------------------------------------------------- markdown
-
-
-def format_stat(s: Stat, fmt: str, n_runs: int | None = None, with_std: bool = True) -> str:
-    """``mean ± std`` with ``fmt`` (e.g. ".2f"); "—" without values; "(n=k)" when k < n_runs."""
-    if s["mean"] is None:
-        return "—"
-    text = format(s["mean"], fmt)
-    if with_std and s["std"] is not None:
-        text += f" ± {format(s['std'], fmt)}"
-    if n_runs is not None and s["n"] < n_runs:
-        text += f" (n={s['n']})"
-    return text
 
 
 def format_seconds(seconds: float | None) -> str:
