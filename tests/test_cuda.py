@@ -58,7 +58,7 @@ def test_engine_on_cuda_matches_the_cpu(name, shape, strategy, algorithm, topolo
     kw = dict(strategy=strategy, algorithm=algorithm, optimizer=optimizer)
     cpu = _run(model, "cpu", topology, 8 if topology == "grid" else 4, 5, shape, **kw)
     gpu = _run(model, "cuda", topology, 8 if topology == "grid" else 4, 5, shape, **kw)
-    assert gpu.w.is_cuda and gpu.strategy == strategy
+    assert gpu.w.is_cuda and gpu.backend.name == strategy
     torch.testing.assert_close(gpu.w.cpu(), cpu.w, atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(gpu.b.cpu(), cpu.b, atol=1e-9, rtol=1e-7)  # BatchNorm statistics
 
