@@ -86,9 +86,14 @@ class Objective:
     def __call__(self, p: Params, b: Params, x: Tensor, y: Tensor, module: nn.Module | None = None):
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             out = functional_call(self.model if module is None else module, {**p, **b}, (x,))
-        out = out.float() if out.is_floating_point() else out
+        out = _full_precision(out)
         loss = self.loss(out, y)
         return loss, (loss.detach(), accuracy(out, y).detach())
+
+
+def _full_precision(out: Tensor) -> Tensor:
+    """Outputs computed in bf16 (under autocast) back to float32 for the loss."""
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
 def _stats_dtype_input(mod: nn.Module, args: tuple) -> tuple:
@@ -249,7 +254,7 @@ class OneBatchBackend:
         p = {n: v[0].detach().requires_grad_() for n, v in ob.layout.views(w).items()}
         with torch.autocast(x.device.type, torch.bfloat16, enabled=ob.precision == "bf16"):
             out = functional_call(ob.model, p, (x.reshape(m * batch, *x.shape[2:]),))
-        out = out.float() if out.is_floating_point() else out
+        out = _full_precision(out)
         out = out.reshape(m, batch, *out.shape[1:])
         losses = vmap(ob.loss)(out, y)  # (m,) each worker's mean loss
         gs = torch.autograd.grad(losses.mean(), list(p.values()), materialize_grads=True)
