@@ -10,3 +10,12 @@ class UserError(Exception):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite. The last good checkpoint is kept."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by a signal (SIGTERM, Ctrl-C). The message says what was kept and how to
+    continue; the CLI prints it on one line and exits with ``exit_code`` (128 + the signal)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

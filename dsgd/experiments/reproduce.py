@@ -34,6 +34,7 @@ import torch
 from dsgd.errors import UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.runner import ensure_run
+from dsgd.report.runs import is_finished
 from dsgd.report.tables import stat
 
 # ---------------------------------------------------------------- scales
@@ -351,7 +352,7 @@ def reproduce(out: str | Path, scale: Scale, *, seeds: int | None = None,
 
     analysis = out / "analysis"
     lb = [s for s in plan if s.experiment == "large_batch"]
-    finished = {s.run for s in plan if _status(runs / s.run) == "finished"}
+    finished = {s.run for s in plan if is_finished(runs / s.run)}
     large = max(s.total_batch for s in lb)
     small = min(s.total_batch for s in lb)
 
