@@ -22,12 +22,14 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +72,26 @@ def _replace_via_temp(path: Path, write) -> None:
         raise
 
 
+def _torch_save(obj, path: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is: torch's writer turns it into
+    a RuntimeError ("unexpected pos ..."), so a failed write with the disk (nearly) full is
+    taken for ENOSPC."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError:
+        try:
+            st = os.statvfs(path.parent)
+            full = st.f_bavail * st.f_frsize < 1 << 20
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temp file in the same directory, then rename: never a torn checkpoint."""
-    _replace_via_temp(Path(path), lambda tmp: torch.save(obj, tmp))
+    _replace_via_temp(Path(path), lambda tmp: _torch_save(obj, tmp))
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -84,7 +103,8 @@ def os_error_message(err: OSError) -> str:
     """One line for a failed file operation: what failed, where, and what to do."""
     where = f" ({err.filename})" if err.filename else ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"no space left on the device{where}; the last checkpoint is intact: free some "
+        folder = f" holding {Path(err.filename).parent}" if err.filename else ""
+        return (f"no space left on the device{folder}; the last checkpoint is intact: free some "
                 "space and rerun with --resume")
     return f"{err.strerror or err}{where}; check the path and its permissions"
 
@@ -209,8 +229,13 @@ class Run:
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self, state: dict) -> None:
         """Write the checkpoint atomically, keeping the previous one as ``*.prev.pt``."""
-        tmp = self.ckpt.with_name(f".{self.ckpt.name}.new")
-        atomic_save(state, tmp)
+        tmp = self.ckpt.with_name(f".{self.ckpt.name}.tmp{os.getpid()}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _torch_save(state, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+            raise
         if self.ckpt.is_file():
             os.replace(self.ckpt, self.prev)
         os.replace(tmp, self.ckpt)
@@ -221,15 +246,20 @@ class Run:
         ``weights_only`` refuses anything but tensors and plain containers, so a crafted file
         cannot run code; a truncated, empty or foreign file fails here too."""
         try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
+            with warnings.catch_warnings():  # torch warns about pickle protocols it reads
+                warnings.simplefilter("ignore")
+                state = torch.load(path, weights_only=True, map_location="cpu")
             step = state["engine"]["step"]
             if not isinstance(step, int) or not all(k in state for k in
                                                     ("loader", "torch_rng", "running")):
                 raise KeyError("engine step, loader, torch_rng or running")
         except Exception as e:  # noqa: BLE001 -- whatever is wrong with the file, it is unusable
-            first = (str(e).strip().splitlines() or [""])[0][:160]
-            raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}: {first})"
-                            ) from None
+            why = ("empty" if path.stat().st_size == 0 else
+                   "corrupt, or it holds objects other than tensors and plain containers"
+                   if isinstance(e, pickle.UnpicklingError) else
+                   "not a dsgd checkpoint" if isinstance(e, (KeyError, TypeError, IndexError))
+                   else f"truncated or corrupt: {type(e).__name__}")
+            raise UserError(f"checkpoint {path} is unreadable ({why})") from None
         return state
 
     def _latest(self) -> tuple[dict | None, Path | None]:
@@ -242,7 +272,11 @@ class Run:
         except UserError as err:
             if not self.prev.is_file():
                 raise
-            state = self._load(self.prev)
+            try:
+                state = self._load(self.prev)
+            except UserError as err_prev:
+                raise UserError(f"no readable checkpoint in {self.ckpt.parent}: {err} and "
+                                f"{err_prev}; start the run again in another --out") from None
             corrupt = self.ckpt.with_name(self.ckpt.name.replace(".pt", ".corrupt.pt"))
             os.replace(self.ckpt, corrupt)
             _notice(f"{err}; resuming from the previous checkpoint {self.prev.name} (step "
