@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import signal
+import struct
 import sys
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from cli_helpers import sets
 
+from dsgd.data.dataset import channel_stats
 from dsgd.data.readers import read_cifar10, read_idx
 from dsgd.engine import Engine
 from dsgd.errors import TrainingDiverged, UserError
@@ -98,18 +100,41 @@ def test_a_malicious_cifar_pickle_runs_nothing_and_is_one_line(payload, tmp_path
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("protocol", [2, 4, 5])
+def _py2(b: bytes) -> bytes:  # a Python 2 str: SHORT_BINSTRING or BINSTRING
+    return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+
+
+def python2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """The opcodes Python 2's cPickle (protocol 2) wrote for the CIFAR-10 python version."""
+    out = b"\x80\x02}q\x00(" + _py2(b"batch_label") + _py2(b"training batch 1 of 5")
+    out += _py2(b"labels") + b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    out += _py2(b"data") + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+    out += b"K\x00\x85" + _py2(b"b") + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+    out += b"(K\x01M" + struct.pack("<H", len(data)) + b"M"
+    out += struct.pack("<H", 3072) + b"\x86cnumpy\ndtype\n" + _py2(b"u1") + b"K\x00K\x01\x87R"
+    out += b"(K\x03" + _py2(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    return out + b"\x89" + _py2(data.tobytes()) + b"tbu."  # __setstate__, SETITEMS, STOP
+
+
+@pytest.mark.parametrize("protocol", ["python2", 2, 4, 5])
 def test_real_cifar_pickles_of_every_protocol_still_load(protocol, tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar"
     folder.mkdir()
-    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1],
-             b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8),
+    data = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1], b"data": data,
              b"filenames": [b"a.png", b"b.png"]}
+    raw = (python2_cifar_pickle(data, [3, 1]) if protocol == "python2"
+           else pickle.dumps(batch, protocol=protocol))
+    assert pickle.loads(raw, encoding="bytes")[b"labels"] == [3, 1]  # what pickle.load reads
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+        (folder / name).write_bytes(raw)
     ds = read_cifar10(str(folder))
     assert ds.x_train.shape == (10, 3, 32, 32) and ds.y_train.tolist() == [3, 1] * 5
+    images = data.reshape(2, 3, 32, 32)
+    mean, std = channel_stats(images)  # the five batches repeat these two images
+    expected = (images / 255.0 - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(ds.x_train[:2], torch.tensor(expected, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------- 2. run names

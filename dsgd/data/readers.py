@@ -99,26 +99,55 @@ def read_fashion_mnist(
     )
 
 
+try:  # numpy 2 moved these; pickles written by numpy 1 name numpy.core, which numpy 2 aliases
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+    from numpy._core.numeric import _frombuffer as _np_frombuffer
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+    from numpy.core.numeric import _frombuffer as _np_frombuffer
+
+_ARRAY = object()  # stands in for numpy.ndarray: only _reconstruct may receive it, so a file
+# cannot call ndarray(shape) directly (an allocation of the file's choosing)
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not _ARRAY:
+        raise pickle.UnpicklingError("numpy _reconstruct of something other than an ndarray")
+    return _np_reconstruct(np.ndarray, shape, dtype)
+
+
+def _latin1(text: str, encoding: str = "utf-8") -> bytes:
+    # protocol-2 pickles written by Python 3 store bytes as latin-1 text; no other codec
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with {encoding!r}")
+    return text.encode("latin-1")
+
+
 # The globals a CIFAR python-version pickle needs: numpy arrays as written by numpy 1 and 2
-# (protocols 2-5) and the latin-1 bytes of a protocol-2 pickle written by Python 3. None of
-# them runs code of the file's choosing; everything else is refused.
-_PICKLE_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
+# (protocols 2-5) and the latin-1 bytes of a protocol-2 pickle written by Python 3. Each maps
+# to a function that builds data and nothing else; every other global is refused, so a
+# ``__reduce__`` payload (os.system, builtins.eval, ...) is never called.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy", "ndarray"): _ARRAY,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
 _PICKLE_VALUES = (dict, list, tuple, bytes, bytearray, str, int, float, bool, type(None),
                   np.ndarray)
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Admits only _PICKLE_GLOBALS: a ``__reduce__`` payload names some other callable
-    (os.system, builtins.eval, ...) and is refused before it is called."""
+    """Admits only _PICKLE_GLOBALS (see there)."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) not in _PICKLE_GLOBALS:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
-        return super().find_class(module, name)
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}") from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refused a persistent id")
