@@ -291,12 +291,12 @@ def dumps_toml(cfg: Config) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # JSON's escapes (\n, \", \uXXXX) are TOML's; TOML also bars DEL
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, dict):  # keys quoted: an option name may be any string
+            return "{" + ", ".join(f"{fmt(str(k))} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     lines, tables = [], []
