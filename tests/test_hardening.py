@@ -9,12 +9,14 @@ import os
 import pickle
 import signal
 import struct
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cli_helpers import sets
+from cli_helpers import sets, torchrun_launch
 
 from dsgd.data.dataset import channel_stats
 from dsgd.data.readers import read_cifar10, read_idx
@@ -544,3 +546,16 @@ def test_divergence_is_recorded_and_reported_as_divergence(tmp_path, monkeypatch
     one_line_error(capsys, code, "the loss became NaN at step 4")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["steps"] == 3
+
+
+def test_torchrun_processes_with_different_configs_each_say_so(tmp_path):
+    """Rank 1 is started with another lr: every rank refuses with one line, before training."""
+    launch = torchrun_launch(2, ["train", *sets(*SHORT), "--out"], tmp_path / "run", 30)
+    worker = str(Path(__file__).with_name("rank_config_worker.py"))
+    cmd = [*launch[:3], worker, "train.lr=0.2", *launch[5:]]  # the script instead of -m dsgd
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"dsgd: error (rank {rank}): the processes of this job were started with " \
+               "different configs" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
