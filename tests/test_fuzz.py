@@ -3,9 +3,12 @@ and CIFAR bytes, checkpoint bytes. The invariants: a bad input is a one-line Use
 another exception), nothing from a file is executed, and what dsgd writes it reads back.
 
 The default run is bounded (FAST: a few dozen examples per property, a deadline); the LONG
-profile behind ``-m slow`` tries many more. ``--hypothesis-show-statistics`` prints the counts.
+profile behind ``-m slow`` tries many more. Each property prints how many inputs it tried and
+how many were accepted or refused with a one-line error (see them with ``pytest -s``); any other
+outcome fails the property.
 """
 
+import collections
 import gzip
 import io
 import json
@@ -29,6 +32,15 @@ FAST = settings(max_examples=40, deadline=2000, derandomize=True, database=None,
 LONG = settings(FAST, max_examples=1000, deadline=None, derandomize=False)
 PROFILES = [pytest.param(FAST, id="fast"), pytest.param(LONG, id="long", marks=pytest.mark.slow)]
 
+
+@pytest.fixture
+def tally(request):
+    """Counts the outcomes of one property's inputs and prints them at the end."""
+    counts: collections.Counter = collections.Counter()
+    yield counts
+    print(f"\n{request.node.name}: {sum(counts.values())} tried, all clean "
+          f"({counts[True]} accepted, {counts[False]} refused with one line)")
+
 # ---------------------------------------------------------------- configs
 # Values TOML can hold (no None), nested a little.
 scalars = st.one_of(st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
@@ -45,6 +57,33 @@ key_paths = st.one_of(
     st.sampled_from([f"{s}.{k}" for s, ks in KEYS.items() for k in ks] + ["name", "device"]),
     st.text(alphabet="abcdefghijklmnopqrstuvwxyz._", min_size=1, max_size=12))
 BASE = ["data.name=synthetic", "model.name=mlp", "train.workers=4"]
+# Values of the annotated type, mostly valid, so that accepted configs are fuzzed too (their
+# TOML round trip: config.toml must read back as the same config).
+TYPED = {
+    int: st.integers(-2, 2000), float: st.floats(1e-4, 10.0), bool: st.booleans(),
+    str: st.sampled_from(["ring", "grid", "exponential", "dsgd", "csgd", "iid", "dirichlet",
+                          "multistep", "cosine", "constant", "sgd", "sam", "gossip", "auto"]),
+}
+
+
+def _typed(section: str, key: str):
+    hint = C.typing.get_type_hints(dict(data=C.DataConfig, model=C.ModelConfig,
+                                        train=C.TrainConfig, log=C.LogConfig)[section])[key]
+    if key == "options":
+        return st.dictionaries(st.text(max_size=8), values, max_size=3)
+    if key == "milestones":
+        return st.lists(st.integers(1, 500), max_size=3).map(lambda v: sorted(set(v)))
+    if key in ("name", "dir", "instruments"):
+        return st.just(None) if key == "dir" else st.just([]) if key == "instruments" else \
+            st.sampled_from(["synthetic", "mlp"])
+    args = [a for a in C.typing.get_args(hint) if a is not type(None)] or [hint]
+    return TYPED.get(args[0], values)
+
+
+typed_overrides = st.dictionaries(
+    st.sampled_from([(s, k) for s, ks in KEYS.items() for k in ks if (s, k) != ("data", "name")]),
+    st.none(), max_size=5).flatmap(lambda keys: st.fixed_dictionaries(
+        {f"{s}.{k}": _typed(s, k) for s, k in keys}))
 
 
 def _raw(overrides: dict) -> dict:
@@ -78,30 +117,32 @@ def _has_nan(cfg) -> bool:  # NaN != NaN: only model.options may still hold one
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_fuzz_config_values(profile):
+def test_fuzz_config_values(profile, tally):
     @profile
-    @given(st.dictionaries(key_paths, values, max_size=4))
-    def check(overrides):
-        raw = _raw({"data.name": "synthetic", "model.name": "mlp", **overrides})
-        _check_config(lambda: C.from_dict(raw))
+    @given(st.one_of(typed_overrides, st.dictionaries(key_paths, values, max_size=4)),
+           st.one_of(st.just("run"), st.text(max_size=20)))
+    def check(overrides, name):
+        raw = _raw({"data.name": "synthetic", "model.name": "mlp", "train.workers": 4,
+                    **overrides, "name": name})
+        tally[_check_config(lambda: C.from_dict(raw))] += 1
 
     check()
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_fuzz_set_strings(profile):
+def test_fuzz_set_strings(profile, tally):
     @profile
     @given(st.lists(st.one_of(st.text(max_size=30),
                               st.builds(lambda k, v: f"{k}={v}", key_paths, st.text(max_size=20))),
                     max_size=3))
     def check(overrides):
-        _check_config(lambda: C.load(None, [*BASE, *overrides]))
+        tally[_check_config(lambda: C.load(None, [*BASE, *overrides]))] += 1
 
     check()
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_fuzz_config_files(profile, tmp_path):
+def test_fuzz_config_files(profile, tmp_path, tally):
     valid = C.dumps_toml(C.load(None, BASE)).encode()
 
     @profile
@@ -111,7 +152,7 @@ def test_fuzz_config_files(profile, tmp_path):
     def check(content):
         path = tmp_path / "c.toml"
         path.write_bytes(content)
-        _check_config(lambda: C.load(str(path)))
+        tally[_check_config(lambda: C.load(str(path)))] += 1
 
     check()
 
@@ -130,7 +171,7 @@ idx_files = st.one_of(
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_fuzz_idx_bytes(profile, tmp_path):
+def test_fuzz_idx_bytes(profile, tmp_path, tally):
     @profile
     @given(idx_files, st.booleans(), st.integers(0, 40), st.integers(0, 255))
     def check(content, gz, flip_at, flip):
@@ -144,7 +185,9 @@ def test_fuzz_idx_bytes(profile, tmp_path):
             a = read_idx(str(path), 3)
         except UserError as err:
             assert "\n" not in str(err)
+            tally[False] += 1
             return
+        tally[True] += 1
         dims = tuple(int.from_bytes(bytes(data if not gz else gzip.decompress(data))[4 + 4 * i:
                                                                                   8 + 4 * i],
                                     "big") for i in range(3))
@@ -173,7 +216,7 @@ def _mutate(raw: bytes, at: int, flip: int, cut: int) -> bytes:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-def test_fuzz_cifar_pickle_bytes(profile, tmp_path):
+def test_fuzz_cifar_pickle_bytes(profile, tmp_path, tally):
     good = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
                          b"filenames": [b"a", b"b"]}, protocol=2)
 
@@ -190,7 +233,9 @@ def test_fuzz_cifar_pickle_bytes(profile, tmp_path):
             x, y = _unpickle(str(path), b"labels")
         except UserError as err:
             assert "\n" not in str(err)
+            tally[False] += 1
             return
+        tally[True] += 1
         assert x.dtype == np.uint8 and x.shape[1:] == (3, 32, 32) and y.shape == (len(x),)
 
     check()
@@ -217,7 +262,7 @@ def test_any_global_outside_the_allow_list_is_refused(target, tmp_path):
 
 # ---------------------------------------------------------------- checkpoint bytes
 @pytest.mark.parametrize("profile", PROFILES)
-def test_fuzz_checkpoint_bytes(profile, tmp_path):
+def test_fuzz_checkpoint_bytes(profile, tmp_path, tally):
     buf = io.BytesIO()
     torch.save({"engine": {"step": 3, "w": torch.zeros(2, 3)}, "loader": {}, "torch_rng":
                 torch.get_rng_state(), "running": {"loss": 0.0}}, buf)
@@ -236,7 +281,9 @@ def test_fuzz_checkpoint_bytes(profile, tmp_path):
             state = run._load(run.ckpt)
         except UserError as err:
             assert "\n" not in str(err)
+            tally[False] += 1
             return
+        tally[True] += 1
         assert isinstance(state["engine"]["step"], int)  # a flip in padding: still whole
 
     check()
