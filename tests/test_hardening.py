@@ -186,7 +186,7 @@ def test_finished_with_fewer_steps_than_configured_reads_as_incomplete(tmp_path)
     (out / "summary.json").write_text(json.dumps({**summary, "steps": 5}))
     assert not is_finished(out) and load_run(out).status == "incomplete"
     (out / "summary.json").write_text("")  # a zero-byte summary: unfinished, not a crash
-    assert not is_finished(out)
+    assert not is_finished(out) and load_run(out).status == "incomplete"
     cfg = C.load(None, [a for a in sets(*SHORT) if a != "--set"])
     assert R.ensure_run(cfg, out)["status"] == "finished"
 

@@ -249,7 +249,7 @@ def load_run(path: str | os.PathLike) -> Run:
         path=path,
         config=config,
         metrics=read_metrics(path / METRICS_FILE),
-        summary=_read_json(path / "summary.json"),
+        summary=read_summary(path),  # unreadable (a crash while writing it): unfinished
         version=_read_json(path / "version.json"),
     )
 
