@@ -513,7 +513,8 @@ def test_the_config_fingerprint_ignores_only_settings_that_do_not_compute():
                                  "log.eval_batch_size=7", "log.tensorboard=true"])
     assert C.fingerprint(base) == C.fingerprint(same)
     for change in ("train.lr=0.3", "train.seed=1", "train.steps=7", "model.name=mlp",
-                   "model.options={hidden=[3]}", "log.eval_every=3"):
+                   "model.options={hidden=[3]}", "log.eval_every=3",
+                   "log.checkpoint_every=7"):  # ranks must checkpoint at the same steps
         assert C.fingerprint(C.load("quickstart", [change])) != C.fingerprint(base), change
 
 

@@ -35,9 +35,10 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 INT64_MAX = 2**63 - 1  # steps, seeds and sizes end up in int64 tensors and checkpoints
 
 # Settings that change how a run is watched or where it runs, not what it computes: they may
-# differ on --resume and between the processes of a torchrun job (each has its own device).
-RUNTIME_KEYS = ("name", "device", "log.progress", "log.tensorboard", "log.eval_batch_size",
-                "log.checkpoint_every")
+# differ between the processes of a torchrun job (each has its own device) ...
+PER_PROCESS_KEYS = ("name", "device", "log.progress", "log.tensorboard", "log.eval_batch_size")
+# ... and on --resume (every process must checkpoint at the same steps, though).
+RUNTIME_KEYS = (*PER_PROCESS_KEYS, "log.checkpoint_every")
 # May change on --resume: a finished run is extended by raising it.
 RESUMABLE_KEYS = ("train.steps",)
 
@@ -309,8 +310,9 @@ def dumps_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n" + "\n".join(tables) + "\n"
 
 
-def computation(cfg: Config | dict[str, Any]) -> dict[str, Any]:
-    """The flat config (dotted keys) without RUNTIME_KEYS: what determines the run's numbers."""
+def computation(cfg: Config | dict[str, Any], ignore: tuple[str, ...] = RUNTIME_KEYS
+                ) -> dict[str, Any]:
+    """The flat config (dotted keys) without ``ignore``: what determines the run's numbers."""
     raw = to_dict(cfg) if isinstance(cfg, Config) else cfg
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -323,12 +325,12 @@ def computation(cfg: Config | dict[str, Any]) -> dict[str, Any]:
                 out[key] = v
         return out
 
-    return {k: v for k, v in flat(raw).items() if k not in RUNTIME_KEYS}
+    return {k: v for k, v in flat(raw).items() if k not in ignore}
 
 
 def fingerprint(cfg: Config) -> int:
-    """A 63-bit hash of ``computation(cfg)``: equal on every process of one job."""
-    text = json.dumps(computation(cfg), sort_keys=True, default=str)
+    """A 63-bit hash of the config without PER_PROCESS_KEYS: equal on every process of a job."""
+    text = json.dumps(computation(cfg, PER_PROCESS_KEYS), sort_keys=True, default=str)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
