@@ -284,7 +284,8 @@ class Run:
             return state, self.prev
 
     def has_checkpoint(self) -> bool:
-        return self.ckpt.is_file() or self.prev.is_file()
+        """Any rank's checkpoint: a run of another job shape is still a run to keep."""
+        return any(self.ckpt.parent.glob("*.pt"))
 
     def _saved_config(self) -> dict:
         path = self.out / "config.json"
