@@ -14,3 +14,12 @@ class TrainingDiverged(UserError):
 
 class BatchError(UserError, ValueError):
     """A batch whose shape or dtype does not fit the engine (workers, batch size, labels)."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by a signal (SIGTERM, Ctrl-C). The message says what was kept and how to
+    continue; the CLI prints it on one line and exits with ``exit_code`` (128 + the signal)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

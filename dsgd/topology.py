@@ -133,13 +133,19 @@ def _push_sum_weights(graph: nx.DiGraph) -> MixingMatrix:
 
 
 def from_adjacency(adjacency) -> MixingMatrix:
-    """Metropolis-Hastings weights from a symmetric 0/1 adjacency matrix (see from_networkx)."""
+    """Metropolis-Hastings weights from a symmetric 0/1 adjacency matrix (see from_networkx).
+
+    The graph must be connected: workers in different components never reach consensus."""
     A = np.asarray(adjacency)
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise TopologyError(f"adjacency must be a square matrix, got shape {A.shape}")
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise TopologyError(f"adjacency must be a non-empty square matrix, got shape {A.shape}")
     if not np.array_equal(A != 0, (A != 0).T):
         raise TopologyError("adjacency must be symmetric (an undirected graph)")
-    return from_networkx(nx.from_numpy_array((A != 0).astype(int)))
+    g = nx.from_numpy_array((A != 0).astype(int))
+    if not nx.is_connected(g):
+        raise TopologyError(f"adjacency is disconnected ({nx.number_connected_components(g)} "
+                            "components): workers in different components never reach consensus")
+    return from_networkx(g)
 
 
 def _grid_shape(m: int) -> tuple[int, int]:
@@ -150,8 +156,15 @@ def _grid_shape(m: int) -> tuple[int, int]:
 
 
 def grid(m: int, rows: int | None = None) -> MixingMatrix:
-    """2-D grid without wraparound, Metropolis weights (the paper's grid; 4x4 for m=16)."""
+    """2-D grid without wraparound, Metropolis weights (the paper's grid; 4x4 for m=16).
+
+    A prime m >= 3 has no 2-D shape (it would be a 1 x m path) and is refused unless ``rows``
+    is given; m = 1 and 2 are the only graphs of their size."""
     _check_m(m)
+    if rows is None and m >= 3 and _grid_shape(m)[0] == 1:
+        raise TopologyError(f"grid: {m} workers do not form a 2-D grid ({m} is prime, so it "
+                            "would be a path); choose m = rows x cols with both >= 2, or "
+                            "topology ring")
     rows = rows or _grid_shape(m)[0]
     if m % rows:
         raise TopologyError(f"grid: {m} workers do not fill {rows} rows")

@@ -189,8 +189,15 @@ def test_torchrun_crash_then_resume_matches_the_simulated_run(tmp_path):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    # torchrun starts each worker in a session of its own: kill the workers with the launcher
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
+        time.sleep(0.01)  # until the kernel has ended them (their run-directory locks go too)
     assert len(metrics.read_text().splitlines()) < 30, "the job must be killed mid-way"
     done = subprocess.run([*launch, "--resume"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -198,6 +205,28 @@ def test_torchrun_crash_then_resume_matches_the_simulated_run(tmp_path):
     blocks = [torch.load(dist / "checkpoints" / f"rank{r}.pt", weights_only=True)["engine"]["w"]
               for r in range(2)]
     torch.testing.assert_close(torch.cat(blocks), w, atol=1e-5, rtol=0)
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc/<pid>/stat ("Z": a zombie), "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def test_resume_takes_the_step_every_rank_holds(tmp_path):

@@ -189,7 +189,7 @@ def test_cifar100_and_resize(tmp_path):
 def test_cifar_errors(tmp_path):
     with pytest.raises(UserError, match="data_batch_1") as err:
         read_cifar10(str(tmp_path))
-    assert "\n" not in str(err.value) and "--data-dir" in str(err.value)
+    assert "\n" not in str(err.value) and "--set data.dir=PATH" in str(err.value)
     bad = {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}  # rows of 100, not 3072
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         write_pickle(str(tmp_path / name), bad)

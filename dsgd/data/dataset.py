@@ -104,6 +104,21 @@ def first(n: int | None, what: str, available: int) -> int:
     return n
 
 
+def check_arrays(name: str, num_classes: int, x_train, y_train, x_test, y_test) -> None:
+    """The invariants every reader's output must hold, checked once, with one-line errors."""
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y):
+            raise UserError(f"{name}: the {split} set has {len(x)} images but {len(y)} labels; "
+                            "re-download it")
+        y = np.asarray(y)
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise UserError(f"{name}: {split} labels outside [0, {num_classes}) (min {y.min()}, "
+                            f"max {y.max()}); re-download it")
+    if tuple(x_train.shape[1:]) != tuple(x_test.shape[1:]):
+        raise UserError(f"{name}: train images are {tuple(x_train.shape[1:])} but test images "
+                        f"{tuple(x_test.shape[1:])}; both splits must share one shape")
+
+
 def from_uint8_images(
     name: str,
     num_classes: int,
@@ -115,8 +130,11 @@ def from_uint8_images(
     n_test: int | None = None,
     image_size: int | None = None,
 ) -> Dataset:
-    """Normalize with full-train-set channel statistics, keep the first n_train / n_test
-    samples, optionally resize. Returns a Dataset with x as (N, C, H', W') float32."""
+    """Check the arrays, normalize with full-train-set channel statistics, keep the first
+    n_train / n_test samples, optionally resize. Returns a Dataset with x as (N, C, H', W')
+    float32. Raises UserError for labels outside [0, num_classes), counts of images and labels
+    that differ, or train and test images of different shapes."""
+    check_arrays(name, num_classes, x_train, y_train, x_test, y_test)
     mean, std = channel_stats(x_train)
     k_train = first(n_train, "n_train", len(x_train))
     k_test = first(n_test, "n_test", len(x_test))

@@ -6,7 +6,8 @@ channel with full-train-set statistics, labels (N,) int64. Nothing is downloaded
 - Fashion-MNIST: the four IDX files, gzipped or not (Debian's dataset-fashion-mnist package
   installs them in /usr/share/datasets/fashion-mnist). (N, 1, 28, 28), 10 classes.
 - CIFAR-10 / CIFAR-100: "CIFAR-10 python version" pickles. (N, 3, 32, 32), 10 / 100 (fine)
-  classes. The files are Python pickles, so read only a copy you trust.
+  classes. The pickles are read by a restricted unpickler that builds only what the real files
+  hold (dicts, lists, bytes, str, numbers and numpy arrays), so a crafted file cannot run code.
 - Tiny ImageNet: the tiny-imagenet-200 image folder; val/ serves as the test set. (N, 3, 64, 64),
   200 classes, class index = position of the wnid in sorted order (torchvision ImageFolder's).
 """
@@ -14,9 +15,13 @@ channel with full-train-set statistics, labels (N,) int64. Nothing is downloaded
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import os
 import pickle
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from struct import error as struct_error
 
 import numpy as np
 
@@ -35,7 +40,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise UserError(f"cannot read IDX file {path}: {e}; re-download it") from None
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic != _IDX_MAGIC[ndim]:
@@ -45,9 +50,10 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
         )
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) != header + int(np.prod(dims)):
+    size = math.prod(dims)  # a Python int: np.prod of four uint32 would wrap around in int64
+    if len(raw) != header + size:
         raise UserError(
-            f"{path} is truncated or padded: header says {dims} = {int(np.prod(dims))} bytes of "
+            f"{path} is truncated or padded: header says {dims} = {size} bytes of "
             f"data, file holds {max(len(raw) - header, 0)}; re-download it"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
@@ -79,7 +85,7 @@ def read_fashion_mnist(
     if None in paths:
         raise UserError(
             f"Fashion-MNIST not found in {data_dir}: expected {', '.join(stems)} "
-            "(each optionally .gz); pass --data-dir or run `make data`"
+            "(each optionally .gz); pass --set data.dir=PATH or run `make data`"
         )
     xtr, ytr, xte, yte = (read_idx(p, nd) for p, nd in zip(paths, (3, 1, 3, 1), strict=True))
     for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
@@ -93,22 +99,105 @@ def read_fashion_mnist(
     )
 
 
+try:  # numpy 2 moved these; pickles written by numpy 1 name numpy.core, which numpy 2 aliases
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+    from numpy._core.numeric import _frombuffer as _np_frombuffer
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+    from numpy.core.numeric import _frombuffer as _np_frombuffer
+
+_ARRAY = object()  # stands in for numpy.ndarray: only _reconstruct may receive it, so a file
+# cannot call ndarray(shape) directly (an allocation of the file's choosing)
+
+
+def _reconstruct(subtype, shape, dtype):
+    if subtype is not _ARRAY:
+        raise pickle.UnpicklingError("numpy _reconstruct of something other than an ndarray")
+    return _np_reconstruct(np.ndarray, shape, dtype)
+
+
+def _latin1(text: str, encoding: str = "utf-8") -> bytes:
+    # protocol-2 pickles written by Python 3 store bytes as latin-1 text; no other codec
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refused _codecs.encode with {encoding!r}")
+    return text.encode("latin-1")
+
+
+# The globals a CIFAR python-version pickle needs: numpy arrays as written by numpy 1 and 2
+# (protocols 2-5) and the latin-1 bytes of a protocol-2 pickle written by Python 3. Each maps
+# to a function that builds data and nothing else; every other global is refused, so a
+# ``__reduce__`` payload (os.system, builtins.eval, ...) is never called.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy", "ndarray"): _ARRAY,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+_PICKLE_VALUES = (dict, list, tuple, bytes, bytearray, str, int, float, bool, type(None),
+                  np.ndarray)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only _PICKLE_GLOBALS (see there)."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
+def _load_pickle(path: str) -> dict:
+    """A CIFAR pickle as a dict, or UserError naming the file (never runs code from it)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError, IndexError, KeyError, OverflowError, MemoryError, RecursionError,
+            UnicodeDecodeError, struct_error) as e:
+        raise UserError(
+            f"{path} is not a CIFAR python-version pickle ({type(e).__name__}: "
+            f"{str(e)[:120]}); re-download it"
+        ) from None
+    if not isinstance(d, dict) or not all(isinstance(v, _PICKLE_VALUES) for v in d.values()):
+        raise UserError(f"{path} does not hold a dict of arrays and lists, as a CIFAR "
+                        "python-version pickle does; re-download it")
+    return d
+
+
 def _unpickle(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR pickle -> images (N, 3, 32, 32) uint8 and labels (N,) int64."""
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        data, labels = np.asarray(d[b"data"]), np.asarray(d[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+        d = _load_pickle(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    data, labels = d.get(b"data"), d.get(label_key)
+    if data is None or labels is None:
         raise UserError(
             f"{path} is not a CIFAR python-version pickle with keys b'data' and {label_key!r} "
-            f"({type(e).__name__}: {e}); re-download it"
-        ) from None
+            f"(it has {sorted(map(repr, d))[:6]}); re-download it"
+        )
+    ints = isinstance(labels, list) and all(type(v) is int for v in labels)
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        ints, labels = True, labels.tolist()
+    if not isinstance(data, np.ndarray) or not ints:
+        raise UserError(
+            f"{path}: expected b'data' as a uint8 array and {label_key!r} as a list of ints, "
+            f"got {type(data).__name__} and {type(labels).__name__}; re-download it"
+        )
     if data.dtype != np.uint8 or data.shape[1:] != (3072,) or len(labels) != len(data):
         raise UserError(
             f"{path}: expected b'data' as (N, 3072) uint8 and N labels, got {data.dtype} "
             f"{data.shape} and {len(labels)} labels; re-download it"
         )
+    labels = np.asarray(labels, dtype=np.int64) if len(labels) else np.zeros(0, np.int64)
     # Each row is the red plane, then green, then blue, each 32x32 row-major: exactly CHW.
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -123,15 +212,12 @@ def _read_cifar(
     if missing:
         raise UserError(
             f"{name} not found in {data_dir}: expected {', '.join(train)} and {test} (the python "
-            f"version of {name}, directly or under {subdir}/); pass --data-dir"
+            f"version of {name}, directly or under {subdir}/); pass --set data.dir=PATH"
         )
     parts = [_unpickle(os.path.join(root, f), label_key) for f in train]
     xte, yte = _unpickle(os.path.join(root, test), label_key)
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
-    for y in (ytr, yte):
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
-            raise UserError(f"{name} in {root}: labels outside [0, {num_classes}); re-download it")
     return from_uint8_images(name, num_classes, xtr, ytr, xte, yte, n_train, n_test, image_size)
 
 
@@ -217,7 +303,7 @@ def read_tiny_imagenet(
         raise UserError(
             f"Tiny ImageNet not found in {data_dir}: expected wnids.txt, train/<wnid>/images/ and "
             "val/images/ with val/val_annotations.txt (directly or under tiny-imagenet-200/); "
-            "pass --data-dir"
+            "pass --set data.dir=PATH"
         )
     with open(wnids_file) as f:
         wnids = sorted({line.strip() for line in f if line.strip()})

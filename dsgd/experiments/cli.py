@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsgd.errors import UserError
+from dsgd.errors import RunInterrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,12 +25,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args) -> int:
-    from dsgd.experiments import config as C
     from dsgd.experiments.runner import train
 
-    cfg = C.load(args.config, args.set)
-    if args.no_progress:
-        cfg = C.from_dict(C.apply_overrides(C.to_dict(cfg), ["log.progress=false"]))
+    cfg = _train_config(args)
     out = Path(args.out or f"runs/{cfg.name}")
     if args.engine == "distributed":
         summary = _train_distributed(cfg, out, args)
@@ -43,6 +40,29 @@ def _train(args) -> int:
           f"test accuracy {100 * final.get('test_acc', float('nan')):.2f}%, "
           f"consensus distance {final.get('consensus', float('nan')):.3g}; run in {out}")
     return 0
+
+
+def _train_config(args):
+    """The config of ``dsgd train``: --config and --set; with --resume and no --config, the
+    run's saved config (and --set, e.g. train.steps=N to extend a finished run)."""
+    import json
+
+    from dsgd.experiments import config as C
+
+    extra = ["log.progress=false"] if args.no_progress else []
+    if args.config is None and args.resume:
+        if not args.out:
+            raise UserError("--resume without --config needs --out RUN (the run directory)")
+        saved = Path(args.out) / "config.json"
+        try:
+            raw = json.loads(saved.read_text())
+        except FileNotFoundError:
+            raise UserError(f"nothing to resume in {saved.parent}: no config.json there; "
+                            "give --out the run directory, or --config") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {saved} ({type(e).__name__}); pass --config") from None
+        return C.from_dict(C.apply_overrides(raw, [*args.set, *extra]))
+    return C.load(args.config, [*args.set, *extra])
 
 
 def _train_distributed(cfg, out: Path, args) -> dict | None:
@@ -63,9 +83,12 @@ def _train_distributed(cfg, out: Path, args) -> dict | None:
     except D.PeerFailure as err:
         print(f"dsgd: error: {err}", file=sys.stderr)
         D.abort_process(2)  # gloo threads blocked in a timed-out collective would hang exit
-    except UserError as err:
+    except UserError as err:  # a diverged run too: every rank says so
         print(f"dsgd: error (rank {ctx.rank}): {err}", file=sys.stderr)
         D.abort_process(2)
+    except RunInterrupted as err:
+        print(f"dsgd: rank {ctx.rank}: {err}", file=sys.stderr)
+        D.abort_process(err.exit_code)
     D.shutdown(args.timeout)
     return summary if ctx.rank == 0 else None
 
@@ -123,9 +146,9 @@ def _quickstart(args) -> int:
         print(f"training {algorithm.upper()} ({how}, {cfg.train.workers} workers) "
               f"on {cfg.data.name} -> {run_dir}")
         summary = ensure_run(cfg, run_dir)  # reruns skip finished runs, resume broken ones
-        print(f"  {summary['status']}: test accuracy "
-              f"{100 * summary['final'].get('test_acc', float('nan')):.2f}% "
-              f"in {summary['wall_time']:.0f} s")
+        print(f"  {summary.get('status', 'unknown')}: test accuracy "
+              f"{100 * (summary.get('final') or {}).get('test_acc', float('nan')):.2f}% "
+              f"in {summary.get('wall_time', 0):.0f} s")
         runs.append(run_dir)
     path = make_report(runs, out / "report", title="dsgd quickstart: D-SGD (ring) vs C-SGD")
     print(f"report: {path}")
@@ -174,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one config into a run directory")
-    t.add_argument("--config", help="a TOML file or a preset name (e.g. quickstart)")
+    t.add_argument("--config", help="a TOML file or a preset name (e.g. quickstart); with "
+                   "--resume the run's saved config is the default")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=0.05 (repeatable)")
     t.add_argument("--out", help="run directory (default runs/<name>)")
@@ -249,9 +273,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"dsgd: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dsgd: interrupted; the last checkpoint is intact: rerun with --resume",
-              file=sys.stderr)
+    except RunInterrupted as err:
+        print(f"dsgd: {err}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # an unreadable input or unwritable output outside a run
+        from dsgd.experiments.runner import os_error_message
+
+        print(f"dsgd: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # outside a training loop: nothing was being written
+        print("dsgd: interrupted", file=sys.stderr)
         return 130
 
 

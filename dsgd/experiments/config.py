@@ -9,6 +9,10 @@ the wrong type is a one-line ``ConfigError``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +26,21 @@ PRESETS = Path(__file__).parent / "presets"
 
 class ConfigError(UserError):
     """A malformed config file, an unknown key or an invalid value."""
+
+
+# A run name becomes a directory (runs/<name>), a TOML string and a report heading: one path
+# component of letters, digits and . _ + = -, not starting with a dot (no "..", no newline).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
+INT64_MAX = 2**63 - 1  # steps, seeds and sizes end up in int64 tensors and checkpoints
+
+# Settings that change how a run is watched or where it runs, not what it computes: they may
+# differ between the processes of a torchrun job (each has its own device) ...
+PER_PROCESS_KEYS = ("name", "device", "log.progress", "log.tensorboard", "log.eval_batch_size")
+# ... and on --resume (every process must checkpoint at the same steps, though).
+RUNTIME_KEYS = (*PER_PROCESS_KEYS, "log.checkpoint_every")
+# May change on --resume: a finished run is extended by raising it.
+RESUMABLE_KEYS = ("train.steps",)
 
 
 @dataclass(frozen=True)
@@ -121,7 +140,11 @@ def _check_type(where: str, value: Any, hint: Any) -> Any:
         hint = kinds[0]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if hint is float and type(value) is float and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    if hint is int and type(value) is int and abs(value) > INT64_MAX:
+        raise ConfigError(f"{where} = {value} does not fit in 64 bits")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
@@ -186,6 +209,9 @@ def validate(cfg: Config) -> Config:
     need(d.alpha > 0, f"data.alpha must be > 0, got {d.alpha}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.workers >= 1, f"train.workers must be >= 1, got {t.workers}")
+    need(t.workers >= 2 or t.topology != "exponential" or t.algorithm != "dsgd",
+         "train.topology = exponential needs train.workers >= 2 (one worker has no "
+         "neighbours); for plain SGD on one worker use train.algorithm = csgd")
     need(t.batch_size >= 1, f"train.batch_size must be a positive integer, got {t.batch_size}")
     need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     need(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
@@ -208,7 +234,13 @@ def validate(cfg: Config) -> Config:
     bad = sorted(set(log.instruments) - set(INSTRUMENTS))
     need(not bad, f"unknown instrument {bad[0] if bad else ''!r} in log.instruments; choose "
                   f"from {', '.join(INSTRUMENTS)}")
-    need(cfg.device == "cpu" or cfg.device.startswith("cuda"), "device must be cpu or cuda[:N]")
+    need(DEVICE_PATTERN.fullmatch(cfg.device) is not None,
+         f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
+    need(NAME_PATTERN.fullmatch(cfg.name) is not None,
+         f"name must be 1-128 letters, digits or . _ + = - (not starting with a dot), since it "
+         f"names the run directory; got {cfg.name!r}")
+    need(all(m >= 1 for m in t.milestones) and t.milestones == sorted(set(t.milestones)),
+         f"train.milestones must be increasing steps >= 1, got {t.milestones}")
     return cfg
 
 
@@ -262,9 +294,14 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     if path is not None:
         p = resolve_path(path)
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{p} is not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{p} is not UTF-8 text (byte {err.start}); TOML files are "
+                              "UTF-8: re-save it as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {p}: {err.strerror}") from None
     return from_dict(apply_overrides(raw, overrides or []))
 
 
@@ -274,12 +311,12 @@ def dumps_toml(cfg: Config) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, str):  # JSON's escapes (\n, \", \uXXXX) are TOML's; TOML also bars DEL
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         if isinstance(v, list):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, dict):  # keys quoted: an option name may be any string
+            return "{" + ", ".join(f"{fmt(str(k))} = {fmt(x)}" for k, x in v.items()) + "}"
         return repr(v)
 
     lines, tables = [], []
@@ -290,3 +327,41 @@ def dumps_toml(cfg: Config) -> str:
         elif v is not None:
             lines.append(f"{k} = {fmt(v)}")
     return "\n".join(lines) + "\n" + "\n".join(tables) + "\n"
+
+
+def computation(cfg: Config | dict[str, Any], ignore: tuple[str, ...] = RUNTIME_KEYS
+                ) -> dict[str, Any]:
+    """The flat config (dotted keys) without ``ignore``: what determines the run's numbers."""
+    raw = to_dict(cfg) if isinstance(cfg, Config) else cfg
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = prefix + k
+            if isinstance(v, dict) and key != "model.options":
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    return {k: v for k, v in flat(raw).items() if k not in ignore}
+
+
+def fingerprint(cfg: Config) -> int:
+    """A 63-bit hash of the config without PER_PROCESS_KEYS: equal on every process of a job."""
+    text = json.dumps(computation(cfg, PER_PROCESS_KEYS), sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def differences(saved: dict[str, Any], cfg: Config, allowed: tuple[str, ...] = ()
+                ) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every computation key that differs, except ``allowed``.
+
+    Values are compared as JSON text, so a NaN saved by an older version equals a NaN."""
+    a, b = computation(saved), computation(cfg)
+
+    def norm(v: Any) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in allowed and norm(a.get(k)) != norm(b.get(k))]

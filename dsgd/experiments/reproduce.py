@@ -38,6 +38,7 @@ import torch
 from dsgd.errors import UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.runner import ensure_run
+from dsgd.report.runs import is_finished
 
 # ---------------------------------------------------------------- scales
 
@@ -309,7 +310,7 @@ def _summary(run_dir: Path) -> dict:
 def run_finished(run_dir: Path) -> bool:
     """Whether a run counts as finished: the one place that decides it (its checkpoint is then
     measured and its record enters the statistics)."""
-    return _summary(run_dir).get("status") == "finished"
+    return is_finished(run_dir)
 
 
 def load_engine(run_dir: Path):

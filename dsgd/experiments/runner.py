@@ -18,10 +18,10 @@ positions), the torch RNG and the running training averages. They load with
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,33 +29,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import dsgd
 from dsgd.data import WorkerLoader, batches, crop_flip, load_dataset, split
 from dsgd.engine import Engine
-from dsgd.errors import TrainingDiverged, UserError
+from dsgd.errors import RunInterrupted, TrainingDiverged, UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.instruments import measure
+from dsgd.experiments.rundir import Run, os_error_message
 from dsgd.models import build_model
 from dsgd.optim import SGD
 from dsgd.optim.schedule import constant, cosine, warmup_multistep
+from dsgd.report.runs import is_finished, read_summary
 from dsgd.topology import make_topology
-
-
-def code_version() -> dict[str, str]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(dsgd.__file__).parent,
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return {"dsgd": dsgd.__version__, "git": sha or "unknown", "torch": torch.__version__}
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then rename: never a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _schedule(t: C.TrainConfig):
@@ -91,6 +75,9 @@ def build(cfg: C.Config, comm=None) -> Setup:
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device is cuda but no CUDA GPU is available; set device = \"cpu\"")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device is {device} but this machine has {torch.cuda.device_count()} "
+                        "GPU(s); choose device = \"cuda:N\" with N below that")
     if t.compile and device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "g++"))
                                                    or shutil.which("clang++")):
         raise UserError("train.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); "
@@ -126,116 +113,101 @@ def evaluate(engine: Engine, x, y, batch_size: int) -> dict[str, float]:
         n += len(yb)
     return {"test_loss": total_loss / n, "test_acc": correct / n}
 
+class _StopSignals:
+    """SIGTERM (as schedulers send it) and Ctrl-C during training set a flag instead of killing
+    the process mid-step: the loop checkpoints at the current step and ends with status
+    "interrupted". A second signal interrupts at once. Installed only in the main thread."""
 
-class Run:
-    """The files of one run directory."""
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
 
-    def __init__(self, out: Path, rank: int = 0, world: int = 1):
-        self.out, self.rank = Path(out), rank
-        self.ckpt = self.out / "checkpoints" / ("last.pt" if world == 1 else f"rank{rank}.pt")
-        self.prev = self.ckpt.with_suffix(".prev.pt")  # the checkpoint before, kept for resume
-        self.metrics = self.out / "metrics.jsonl"
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    @property
-    def writer(self) -> bool:
-        return self.rank == 0
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
 
-    def save(self, state: dict) -> None:
-        """Write the checkpoint atomically, keeping the previous one as ``*.prev.pt``."""
-        tmp = self.ckpt.with_name(f".{self.ckpt.name}.tmp{os.getpid()}")
-        atomic_save(state, tmp)
-        if self.ckpt.is_file():
-            os.replace(self.ckpt, self.prev)
-        os.replace(tmp, self.ckpt)
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
-    def _load(self, path: Path) -> dict:
-        return torch.load(path, weights_only=True, map_location="cpu")
 
-    def start(self, cfg: C.Config, resume: bool, comm=None) -> dict | None:
-        """Prepare the directory; return the checkpoint to resume from (or None).
+def _one_line(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
-        Under torchrun every rank resumes from the same step: a crash between two ranks'
-        saves leaves some ranks one checkpoint ahead, and those take their previous one."""
-        if resume:
-            latest = self.ckpt if self.ckpt.is_file() else self.prev
-            if not latest.is_file():
-                raise UserError(f"nothing to resume in {self.out}: no {self.ckpt.name} checkpoint")
-            saved = json.loads((self.out / "config.json").read_text())
-            if saved != C.to_dict(cfg):
-                raise UserError(f"the config differs from the one {self.out} was started with; "
-                                "resume with the same config and --set overrides")
-            state = self._load(latest)
-            step = state["engine"]["step"]
-            common = comm.agree_min(step) if comm is not None else step
-            if common != step and self.prev.is_file() and latest != self.prev:
-                state = self._load(self.prev)
-            if state["engine"]["step"] != common:
-                raise UserError(f"the checkpoints in {self.out / 'checkpoints'} are from "
-                                f"different steps (this rank: {step}, another: {common}); "
-                                "restart the run")
-            return state
-        if self.metrics.exists() and self.metrics.stat().st_size:
-            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or "
-                            "choose another --out")
-        if self.writer:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(C.dumps_toml(cfg))
-            (self.out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=1))
-            (self.out / "version.json").write_text(json.dumps(code_version(), indent=1))
-            self.metrics.write_text("")
-        return None
 
-    def truncate_metrics(self, step: int) -> list[dict]:
-        """Keep the rows up to the checkpoint's step (later ones are recomputed on resume)."""
-        if not self.metrics.exists():
-            return []
-        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
-        rows = [r for r in rows if r["step"] <= step]
-        if self.writer:
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return rows
-
-    def log(self, row: dict) -> None:
-        if self.writer:
-            with self.metrics.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def summarize(self, rows: list[dict], status: str, wall: float, steps: int,
-                  message: str = "") -> dict:
-        summary = {"final": rows[-1] if rows else {}, "status": status, "steps": steps,
-                   "wall_time": wall, "message": message,
-                   "best_test_acc": max((r["test_acc"] for r in rows), default=None)}
-        if self.writer:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
+def _agree_on_config(cfg: C.Config, comm) -> None:
+    """Every process of a job must train the same computation: compare a fingerprint of the
+    resolved config (without the settings that may differ per process, such as the device)."""
+    fp = C.fingerprint(cfg)
+    low, high = comm.agree_min(fp), -comm.agree_min(-fp)
+    if low != high:
+        raise UserError(f"the processes of this job were started with different configs (this "
+                        f"process: fingerprint {fp:016x}); give every process the same --config "
+                        "and --set")
 
 
 def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) -> dict:
     """Train ``cfg`` into the run directory ``out``; returns the summary.
 
     Evaluates the averaged model every ``log.eval_every`` steps, checkpoints every
-    ``log.checkpoint_every`` steps and at the end. A NaN/inf loss stops the run with
-    ``TrainingDiverged`` and leaves the last good checkpoint in place.
+    ``log.checkpoint_every`` steps and at the end. The summary's status is true: "finished"
+    only when all ``train.steps`` were taken; "diverged" (a NaN/inf loss, ``TrainingDiverged``,
+    the last good checkpoint kept), "interrupted" (SIGTERM or Ctrl-C: ``RunInterrupted``, with
+    a checkpoint at the current step) or "failed" (any other error, with its one-line reason).
     """
     rank = 0 if comm is None else getattr(comm, "rank", 0)
     world = 1 if comm is None else getattr(comm, "world_size", 1)
+    if comm is not None:
+        _agree_on_config(cfg, comm)
+    if cfg.log.tensorboard and rank == 0:
+        try:  # before anything is written: a missing package is a setup error, not a failed run
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UserError("log.tensorboard = true needs the tensorboard package: pip install "
+                            "tensorboard, or set log.tensorboard = false") from None
     run = Run(Path(out), rank, world)
+    run.lock()
+    try:
+        return _train(cfg, run, resume, comm)
+    finally:
+        run.unlock()
+
+
+def _train(cfg: C.Config, run: Run, resume: bool, comm) -> dict:
     state = run.start(cfg, resume, comm)
     setup = build(cfg, comm)
     engine, loader, ds, t, log = setup.engine, setup.loader, setup.dataset, cfg.train, cfg.log
     hosted = list(engine.comm.workers)
     acc = {"loss": 0.0, "acc": 0.0, "n": 0, "elapsed": 0.0}  # running train averages
     rows: list[dict] = []
+    saved_step = None  # the step of the newest checkpoint on disk
     if state is not None:
-        engine.load_state_dict(state["engine"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            engine.load_state_dict(state["engine"])
+            loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise UserError(f"the checkpoint in {run.ckpt.parent} does not fit this config "
+                            f"({_one_line(e)[:160]}); resume with the config it was written "
+                            "with") from None
         acc = dict(state["running"])
-        rows = run.truncate_metrics(engine.step_count)
+        saved_step = engine.step_count
+    rows = run.truncate_metrics(engine.step_count)
 
     def checkpoint() -> None:
+        nonlocal saved_step
+        acc["elapsed"] = time.perf_counter() - started
         run.save({"engine": engine.state_dict(), "loader": loader.state_dict(),
                   "torch_rng": torch.get_rng_state(), "running": acc})
+        saved_step = engine.step_count
 
     tb = None
     if log.tensorboard and run.writer:
@@ -249,75 +221,104 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
     started = time.perf_counter() - acc["elapsed"]
     status, message = "finished", ""
     try:
-        while engine.step_count < t.steps:
-            x, y = loader.next_batch()
-            sent = engine.comm.bytes_sent
-            result = engine.step(x[hosted], y[hosted])
-            acc["bytes"] = acc.get("bytes", 0) + engine.comm.bytes_sent - sent
-            acc["loss"] += result.loss.mean().item()
-            acc["acc"] += result.accuracy.mean().item()
-            acc["n"] += 1
-            step = engine.step_count
-            if step % log.eval_every == 0 or step == t.steps:
-                # every process holds an equal block of workers: the mean of the blocks' means
-                # is the mean over all m workers
-                local = torch.tensor([[acc["loss"], acc["acc"]]], dtype=torch.float64)
-                train_loss, train_acc = (engine.comm.mean(local.to(engine.w.device).expand(
-                    len(hosted), 2).contiguous())[0] / acc["n"]).tolist()
-                row = {"step": step, "epoch": step / loader.steps_per_epoch, "lr": result.lr,
-                       "train_loss": train_loss, "train_acc": train_acc,
-                       **evaluate(engine, ds.x_test, ds.y_test, log.eval_batch_size),
-                       "consensus": engine.consensus_distance(),
-                       # gossip/all-reduce payload per worker per step (see Communicator)
-                       "bytes_per_worker_step": acc.get("bytes", 0) / acc["n"] / len(hosted)}
-                if log.instruments:
-                    row.update(measure(engine, ds, log))
-                row["time"] = time.perf_counter() - started
-                rows.append(row)
-                run.log(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
+        with _StopSignals() as stop:
+            while engine.step_count < t.steps:
+                x, y = loader.next_batch()
+                sent = engine.comm.bytes_sent
+                result = engine.step(x[hosted], y[hosted])
+                acc["bytes"] = acc.get("bytes", 0) + engine.comm.bytes_sent - sent
+                acc["loss"] += result.loss.mean().item()
+                acc["acc"] += result.accuracy.mean().item()
+                acc["n"] += 1
+                step = engine.step_count
+                if step % log.eval_every == 0 or step == t.steps:
+                    row = _eval_row(engine, ds, log, acc, hosted, result.lr,
+                                    step / loader.steps_per_epoch)
+                    row["time"] = time.perf_counter() - started
+                    rows.append(row)
+                    run.log(row)
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                tb.add_scalar(k, v, step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                                        test_acc=f"{row['test_acc']:.3f}",
+                                        consensus=f"{row['consensus']:.2e}", refresh=False)
+                    acc.update(loss=0.0, acc=0.0, n=0, bytes=0)
+                if step % log.checkpoint_every == 0 or step == t.steps:
+                    checkpoint()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}",
-                                    test_acc=f"{row['test_acc']:.3f}",
-                                    consensus=f"{row['consensus']:.2e}", refresh=False)
-                acc.update(loss=0.0, acc=0.0, n=0, bytes=0)
-            if step % log.checkpoint_every == 0 or step == t.steps:
-                acc["elapsed"] = time.perf_counter() - started
-                checkpoint()
-            if bar is not None:
-                bar.update(1)
+                    bar.update(1)
+                if stop.received is not None and engine.step_count < t.steps:
+                    checkpoint()
+                    name = "SIGTERM" if stop.received == signal.SIGTERM else "Ctrl-C"
+                    raise RunInterrupted(
+                        f"stopped by {name} at step {engine.step_count}; a checkpoint of this "
+                        "step is saved: rerun with --resume to continue",
+                        exit_code=128 + stop.received)
     except TrainingDiverged as err:
         status, message = "diverged", str(err)
         raise
+    except RunInterrupted as err:
+        status, message = "interrupted", str(err)
+        raise
     except KeyboardInterrupt:
-        status, message = "interrupted", f"interrupted at step {engine.step_count}"
+        status = "interrupted"
+        message = (f"interrupted at step {engine.step_count}; the last checkpoint (step "
+                   f"{saved_step}) is intact: rerun with --resume" if saved_step is not None else
+                   f"interrupted at step {engine.step_count}, before the first checkpoint: "
+                   "rerun the same command to start again")
+        raise RunInterrupted(message, exit_code=130) from None
+    except OSError as err:  # a full disk, a folder made read-only, ...
+        status, message = "failed", os_error_message(err)
+        raise UserError(message) from None
+    except Exception as err:
+        status, message = "failed", _one_line(err)
         raise
     finally:
         if bar is not None:
             bar.close()
         if tb is not None:
             tb.close()
-        run.summarize(rows, status, time.perf_counter() - started, engine.step_count, message)
-    return run.summarize(rows, status, time.perf_counter() - started, engine.step_count)
+        try:
+            summary = run.summarize(rows, status, time.perf_counter() - started,
+                                    engine.step_count, message)
+        except OSError as err:
+            if status == "finished":  # else the error already on its way says more
+                raise UserError(os_error_message(err)) from None
+    return summary
+
+
+def _eval_row(engine: Engine, ds, log: C.LogConfig, acc: dict, hosted: list[int], lr: float,
+              epoch: float) -> dict:
+    # every process holds an equal block of workers: the mean of the blocks' means is the
+    # mean over all m workers
+    local = torch.tensor([[acc["loss"], acc["acc"]]], dtype=torch.float64)
+    train_loss, train_acc = (engine.comm.mean(local.to(engine.w.device).expand(
+        len(hosted), 2).contiguous())[0] / acc["n"]).tolist()
+    row = {"step": engine.step_count, "epoch": epoch, "lr": lr,
+           "train_loss": train_loss, "train_acc": train_acc,
+           **evaluate(engine, ds.x_test, ds.y_test, log.eval_batch_size),
+           "consensus": engine.consensus_distance(),
+           # gossip/all-reduce payload per worker per step (see Communicator)
+           "bytes_per_worker_step": acc.get("bytes", 0) / acc["n"] / len(hosted)}
+    if log.instruments:
+        row.update(measure(engine, ds, log))
+    return row
 
 
 def ensure_run(cfg: C.Config, run_dir: str | Path) -> dict:
     """Train ``cfg`` into ``run_dir`` unless it finished (or diverged) before; resume when a
-    checkpoint exists; start afresh when a run died before its first checkpoint. Returns the
-    summary. For pipelines (quickstart, reproduce) that are rerun until everything is done."""
+    checkpoint exists (also after "failed" or "interrupted"); start afresh when a run died
+    before its first checkpoint. Returns the summary. For pipelines (quickstart, reproduce)
+    that are rerun until everything is done."""
     run_dir = Path(run_dir)
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        if s.get("status") in ("finished", "diverged"):
-            return s
+    summary = read_summary(run_dir)
+    if is_finished(run_dir) or summary.get("status") == "diverged":
+        return summary
     resume = any((run_dir / "checkpoints").glob("*.pt"))
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # nothing resumable was written
     try:
         return train(cfg, run_dir, resume=resume)
     except TrainingDiverged:
-        return json.loads(summary.read_text())
+        return read_summary(run_dir)

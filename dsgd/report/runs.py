@@ -110,8 +110,11 @@ class Run:
 
     @property
     def status(self) -> str:
-        """summary.json's status; "empty" without summary and metrics; "incomplete" otherwise."""
+        """summary.json's status; "empty" without summary and metrics; "incomplete" otherwise,
+        and for a "finished" that is not (see ``finished``)."""
         status = self.summary.get("status")
+        if status == "finished" and not finished(self.summary, self.config):
+            return "incomplete"
         if isinstance(status, str) and status:
             return status
         return "empty" if not self.metrics else "incomplete"
@@ -165,30 +168,65 @@ class Run:
         return value
 
 
+def finished(summary: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """The one rule for "this run is done", shared by every reader (quickstart, reproduce,
+    report): summary.json says "finished" and its step count reached the configured
+    ``train.steps`` (a run that stopped early, or one extended with ``--resume --set
+    train.steps=N``, is not done)."""
+    if summary.get("status") != "finished":
+        return False
+    steps, target = summary.get("steps"), lookup(flatten(config), ("steps",))
+    if not isinstance(target, int) or isinstance(target, bool):
+        return True  # no step count configured: the status is all there is
+    return isinstance(steps, int) and steps >= target
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """summary.json of a run directory; {} when missing, empty or unreadable (a run that
+    died while writing it is as unfinished as one that never wrote it)."""
+    try:
+        return _read_json(Path(run_dir) / "summary.json")
+    except (UserError, OSError):
+        return {}
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    """``finished`` for the run directory ``run_dir`` (False for anything unreadable)."""
+    try:
+        config = _read_json(Path(run_dir) / "config.json")
+    except (UserError, OSError):
+        return False
+    return finished(read_summary(run_dir), config)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (a crash mid-write) is dropped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): not a metrics file") from None
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             row = json.loads(line)  # Python's json reads the NaN and Infinity it writes
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             if i == len(lines) - 1:
                 break  # a last line cut short by a crash or a run still being written
-            raise UserError(f"{path}:{i + 1} is not valid JSON: {e}") from None
+            raise UserError(f"{path}:{i + 1} is not valid JSON: {str(e)[:200]}") from None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{i + 1} should be a JSON object, found {type(row).__name__}")
         rows.append(row)
@@ -207,11 +245,11 @@ def load_run(path: str | os.PathLike) -> Run:
     config = _read_json(path / "config.json")
     name = config.get("name")
     return Run(
-        name=name if isinstance(name, str) and name else path.name,
+        name=name if isinstance(name, str) and _SAFE_NAME.fullmatch(name) else _safe(path.name),
         path=path,
         config=config,
-        metrics=_read_metrics(path / METRICS_FILE),
-        summary=_read_json(path / "summary.json"),
+        metrics=read_metrics(path / METRICS_FILE),
+        summary=read_summary(path),  # unreadable (a crash while writing it): unfinished
         version=_read_json(path / "version.json"),
     )
 
@@ -311,6 +349,14 @@ def base_label(flat: Mapping[str, Any]) -> str | None:
     if b is not None:
         parts.append(f"B={b}")
     return " ".join(parts) or None
+
+
+# Run names go into markdown headings and table cells: anything outside this set is replaced.
+_SAFE_NAME = re.compile(r"[\w.+=-]{1,128}")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.+=-]", "_", name)[:128] or "run"
 
 
 _SEED_SUFFIX_RE = re.compile(r"[-_.]?(seed|s)[-_=]?\d+$", re.IGNORECASE)
