@@ -241,10 +241,14 @@ class LoopBackend:
 
 
 class OneBatchBackend:
+    """``per_worker``: the backend for gradients at weights whose rows differ (a SAM-family
+    rule perturbs each worker's row)."""
+
     name = "one-batch"
 
-    def __init__(self, objective: Objective):
+    def __init__(self, objective: Objective, per_worker: Backend | None = None):
         self.objective = objective
+        self.per_worker = per_worker if per_worker is not None else LoopBackend(objective)
 
     def gradients(self, w: Tensor, buffers: Params, x: Tensor, y: Tensor) -> Gradients:
         """Every row of the result is the hosted workers' averaged gradient (the rows of ``w``
@@ -262,7 +266,7 @@ class OneBatchBackend:
         return flat.expand(m, -1), losses.detach(), accuracy(out, y, lead=1).detach()
 
     def close(self) -> None:
-        pass
+        self.per_worker.close()
 
 
 class OutOfMemoryFallback:
@@ -402,7 +406,9 @@ def make_backend(strategy: str, objective: Objective, *, m_local: int, device: t
     """The backend for ``strategy`` ("auto", "vmap" or "loop"). ``one_batch``: the workers'
     gradients are averaged anyway and the model has no batch-coupled layers (C-SGD)."""
     if one_batch:
-        return OneBatchBackend(objective)
+        return OneBatchBackend(objective, make_backend(strategy, objective, m_local=m_local,
+                                                       device=device, chunk_size=chunk_size,
+                                                       compile=compile))
     if strategy == "vmap":
         return VmapBackend(objective, chunk_size, compile)
     if strategy == "loop":

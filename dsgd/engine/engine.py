@@ -255,9 +255,11 @@ class Engine:
         weights, leaving the BatchNorm statistics alone)."""
         lay = self.layout
 
+        backend = getattr(self.backend, "per_worker", self.backend)  # rows that differ
+
         def grad_fn(params: Stacked) -> Stacked:
             frozen = {n: v.clone() for n, v in self.worker_buffers.items()}
-            return lay.views(self.backend.gradients(lay.flatten(params, 1), frozen, x, y)[0])
+            return lay.views(backend.gradients(lay.flatten(params, 1), frozen, x, y)[0])
 
         out = self.gradient_rule(grad_fn, lay.views(self.w), lay.views(grads),
                                  generator=self.generator)

@@ -153,8 +153,9 @@ class AvgSAM:
     ) -> Stacked:
         def draws():  # perturb: one draw per worker row, drawn lazily between gradients
             for _ in range(self.num_samples // (2 if self.antithetic else 1)):
-                with torch.no_grad():
-                    yield self.cov.sample(params, generator)
+                with torch.no_grad():  # left before the yield: the caller computes gradients
+                    eps = self.cov.sample(params, generator)
+                yield eps
 
         # gradient at w + eps on the same batch; restore is implicit: params is never mutated,
         # the optimizer updates from w itself
