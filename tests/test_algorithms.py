@@ -182,3 +182,55 @@ def test_make_algorithm_names_its_options():
     assert make_algorithm("qgm", beta=0.5).beta == 0.5
     with pytest.raises(ValueError, match="unknown algorithm"):
         make_algorithm("adam")
+
+
+# ---- from a config ---------------------------------------------------------------------------
+def test_the_config_names_every_algorithm():
+    from dsgd.algorithms import ALGORITHMS
+    from dsgd.experiments import config as C
+
+    assert set(C.ALGORITHMS) == set(ALGORITHMS)
+
+
+TINY = {"data.name": "synthetic", "data.n_train": 256, "data.n_test": 64, "model.name": "mlp",
+        "model.options": {"hidden": [16]}, "train.workers": 5, "train.batch_size": 8,
+        "train.steps": 12, "train.lr": 0.1, "log.eval_every": 6, "log.progress": False}
+
+
+@pytest.mark.parametrize("extra", [
+    {"train.algorithm": "gt"}, {"train.algorithm": "d2"}, {"train.algorithm": "qgm",
+                                                          "train.qgm_beta": 0.5},
+    {"train.algorithm": "pushsum", "train.topology": "directed_exponential"},
+    {"train.algorithm": "drdsgd", "train.drdsgd_lambda": 20.0},
+    {"train.algorithm": "choco", "train.compression": {"name": "topk", "ratio": 0.1},
+     "train.consensus_step": 0.5},
+    {"train.algorithm": "local", "train.gossip_every": 3},
+    {"train.faults": {"drop": 0.3, "stragglers": 0.1, "straggle_steps": 2}},
+    {"train.precision": "bf16"},
+], ids=["gt", "d2", "qgm", "pushsum", "drdsgd", "choco", "local", "faults", "bf16"])
+def test_every_algorithm_trains_from_a_config(extra, tmp_path):
+    import json
+
+    import dsgd
+
+    summary = dsgd.train(None, tmp_path / "run", set={**TINY, **extra})
+    assert summary["status"] == "finished" and summary["steps"] == 12
+    assert summary["backend"] in ("vmap", "loop") and summary["backend_reason"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows[-1]["consensus"] > 0  # the workers really are apart
+
+
+def test_config_refuses_what_an_algorithm_cannot_take(tmp_path):
+    import dsgd
+    from dsgd.errors import UserError
+
+    with pytest.raises(UserError, match="applies to train.algorithm"):
+        dsgd.load_config(None, {**TINY, "train.compression": {"name": "topk"}})
+    with pytest.raises(UserError, match="topk takes"):
+        dsgd.load_config(None, {**TINY, "train.algorithm": "choco",
+                                "train.compression": {"name": "topk", "levels": 3}})
+    with pytest.raises(UserError, match="train.faults takes"):
+        dsgd.load_config(None, {**TINY, "train.faults": {"loss": 0.1}})
+    with pytest.raises(UserError, match=r"above -1/3; ring has -0.3333"):
+        dsgd.train(None, tmp_path / "r", set={**TINY, "train.algorithm": "d2",
+                                              "train.workers": 8})

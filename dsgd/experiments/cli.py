@@ -70,13 +70,11 @@ def _train_distributed(cfg, out: Path, args) -> dict | None:
     torch.distributed. A dead or silent peer ends every survivor with one line and status 2."""
     from dsgd.engine import distributed as D
     from dsgd.experiments import config as C
-    from dsgd.experiments.runner import train
-    from dsgd.topology import make_topology
+    from dsgd.experiments.runner import topology_of, train
 
     ctx = D.init_from_env(timeout_s=args.timeout)
     cfg = C.from_dict(C.apply_overrides(C.to_dict(cfg), [f'device="{ctx.device}"']))
-    topo = make_topology(cfg.train.topology, cfg.train.workers,
-                         shuffle=cfg.train.shuffle_topology, seed=cfg.train.seed)
+    topo = topology_of(cfg)
     try:
         comm = D.TorchDistributedCommunicator(topo, timeout_s=args.timeout, checkpoint_dir=out)
         summary = train(cfg, out, resume=args.resume, comm=comm)

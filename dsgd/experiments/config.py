@@ -68,7 +68,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algorithm: str = "dsgd"  # dsgd | csgd
+    # dsgd | csgd | local | gt | d2 | qgm | pushsum | drdsgd | choco (docs/algorithms.md)
+    algorithm: str = "dsgd"
     topology: str = "ring"  # the mixing graph: ring | grid | torus | exponential | ...
     # relabel the workers every step: false | true or "symmetric" (P' = Pi^T P Pi, one fresh
     # permutation) | "paper" (P' = Pi1^T P Pi2, two independent ones, as the paper's code)
@@ -93,6 +94,15 @@ class TrainConfig:
     rho: float = 0.05  # SAM/ASAM radius
     sigma: float = 0.01  # avg_sam: eps ~ N(0, sigma^2 I)
     samples: int = 2  # avg_sam: Monte-Carlo samples per step
+    qgm_beta: float = 0.9  # qgm: the quasi-global momentum factor (Lin et al. 2021)
+    drdsgd_lambda: float = 10.0  # drdsgd: the robustness lambda (the paper's analysis: > 1)
+    # choco: the compressor, e.g. {name = "topk", ratio = 0.01}; names none | topk | randomk |
+    # qsgd (levels) | sign | lowp (dtype)
+    compression: dict[str, Any] = field(default_factory=dict)
+    consensus_step: float = 1.0  # choco: the consensus step size gamma, in (0, 1]
+    # dropped links and stragglers, e.g. {drop = 0.1, stragglers = 0.05, straggle_steps = 3}
+    faults: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # fp32 | bf16 (forward/backward under autocast; weights float32)
     seed: int = 0  # seeds the model's initialization, the partition, shuffles and augmentation
 
 
@@ -119,7 +129,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-ALGORITHMS = ("dsgd", "csgd")
+ALGORITHMS = ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd", "choco")
+COMPRESSORS = {"none": (), "topk": ("ratio",), "randomk": ("ratio",), "qsgd": ("levels",),
+               "sign": (), "lowp": ("dtype",)}
+FAULTS = ("drop", "stragglers", "straggle_steps", "seed")
 SCHEDULES = ("multistep", "cosine", "constant")
 GRADIENTS = ("sgd", "sam", "asam", "avg_sam")
 INSTRUMENTS = ("hessian", "equivalence", "uncertainty")
@@ -229,6 +242,22 @@ def validate(cfg: Config) -> Config:
     need(t.gradient in GRADIENTS, f"train.gradient must be one of {', '.join(GRADIENTS)}")
     need(t.rho >= 0 and t.sigma >= 0, "train.rho and train.sigma must be >= 0")
     need(t.samples >= 2 and t.samples % 2 == 0, "train.samples must be an even number >= 2")
+    need(0 <= t.qgm_beta < 1, f"train.qgm_beta must be in [0, 1), got {t.qgm_beta}")
+    need(t.drdsgd_lambda > 0, f"train.drdsgd_lambda must be > 0, got {t.drdsgd_lambda}")
+    need(0 < t.consensus_step <= 1, f"train.consensus_step must be in (0, 1], got "
+                                    f"{t.consensus_step}")
+    comp = t.compression.get("name", "none")
+    need(comp in COMPRESSORS, f"train.compression.name must be one of {', '.join(COMPRESSORS)}, "
+                              f"got {comp!r}")
+    extra = sorted(set(t.compression) - {"name", *COMPRESSORS.get(comp, ())})
+    need(not extra, f"train.compression: {comp} takes {list(COMPRESSORS.get(comp, ()))}, "
+                    f"not {extra}")
+    need(not t.compression or t.algorithm == "choco",
+         "train.compression applies to train.algorithm = \"choco\"")
+    need(set(t.faults) <= set(FAULTS), f"train.faults takes {', '.join(FAULTS)}, got "
+                                       f"{sorted(t.faults)}")
+    need(t.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got "
+                                          f"{t.precision!r}")
     need(log.eval_every >= 1 and log.checkpoint_every >= 1 and log.eval_batch_size >= 1,
          "log.eval_every, log.checkpoint_every and log.eval_batch_size must be >= 1")
     bad = sorted(set(log.instruments) - set(INSTRUMENTS))

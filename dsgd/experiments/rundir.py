@@ -17,6 +17,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -286,10 +287,11 @@ class Run:
                 raise
 
     def summarize(self, rows: list[dict], status: str, wall: float, steps: int,
-                  message: str = "") -> dict:
+                  message: str = "", **extra: Any) -> dict:
+        """The summary (``extra``: more keys, e.g. the gradient backend and why)."""
         summary = {"final": rows[-1] if rows else {}, "status": status, "steps": steps,
                    "wall_time": wall, "message": message,
-                   "best_test_acc": max((r["test_acc"] for r in rows), default=None)}
+                   "best_test_acc": max((r["test_acc"] for r in rows), default=None), **extra}
         if self.writer:
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=1))
         return summary

@@ -29,8 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dsgd.algorithms import DRDSGD, QGM, Algorithm, Choco
+from dsgd.compress import make_compressor
 from dsgd.data import WorkerLoader, batches, crop_flip, load_dataset, split
 from dsgd.engine import Engine
+from dsgd.engine.network import faulty
 from dsgd.errors import RunInterrupted, TrainingDiverged, UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.instruments import measure
@@ -39,7 +42,7 @@ from dsgd.models import build_model
 from dsgd.optim import SGD
 from dsgd.optim.schedule import constant, cosine, warmup_multistep
 from dsgd.report.runs import is_finished, read_summary
-from dsgd.topology import make_topology
+from dsgd.topology import Topology, make_topology
 
 
 def _schedule(t: C.TrainConfig):
@@ -70,6 +73,26 @@ class Setup:
     engine: Engine
 
 
+def topology_of(cfg: C.Config) -> Topology:
+    """The config's mixing-matrix schedule: topology, shuffle and faults."""
+    t = cfg.train
+    topo = make_topology(t.topology, t.workers, shuffle=t.shuffle_topology, seed=t.seed)
+    return faulty(topo, **{"seed": t.seed, **t.faults}) if t.faults else topo
+
+
+def _algorithm(t: C.TrainConfig) -> str | Algorithm:
+    """The configured algorithm: its name, or an object carrying its config keys."""
+    if t.algorithm == "qgm":
+        return QGM(beta=t.qgm_beta)
+    if t.algorithm == "drdsgd":
+        return DRDSGD(lam=t.drdsgd_lambda)
+    if t.algorithm == "choco":
+        opts = dict(t.compression)
+        return Choco(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
+                     seed=t.seed)
+    return t.algorithm
+
+
 def build(cfg: C.Config, comm=None) -> Setup:
     d, t = cfg.data, cfg.train
     device = torch.device(cfg.device)
@@ -90,11 +113,11 @@ def build(cfg: C.Config, comm=None) -> Setup:
     torch.manual_seed(t.seed)
     model = build_model(cfg.model.name, ds.num_classes, ds.sample_shape, **cfg.model.options)
     model = model.to(device)
-    topo = make_topology(t.topology, t.workers, shuffle=t.shuffle_topology, seed=t.seed)
-    engine = Engine(model, topo, comm=comm, algorithm=t.algorithm, lr=_schedule(t),
+    engine = Engine(model, topology_of(cfg) if comm is None else None, comm=comm,
+                    algorithm=_algorithm(t), lr=_schedule(t),
                     optimizer=SGD(t.momentum, t.nesterov, t.weight_decay),
                     gossip_every=t.gossip_every, buffers=t.buffers, strategy=t.strategy,
-                    compile=t.compile, chunk_size=t.chunk_size or None,
+                    compile=t.compile, chunk_size=t.chunk_size or None, precision=t.precision,
                     gradient_rule=_gradient_rule(t), seed=t.seed)
     return Setup(cfg, ds, loader, engine)
 
@@ -283,7 +306,8 @@ def _train(cfg: C.Config, run: Run, resume: bool, comm) -> dict:
             tb.close()
         try:
             summary = run.summarize(rows, status, time.perf_counter() - started,
-                                    engine.step_count, message)
+                                    engine.step_count, message, backend=engine.backend.name,
+                                    backend_reason=getattr(engine.backend, "reason", ""))
         except OSError as err:
             if status == "finished":  # else the error already on its way says more
                 raise UserError(os_error_message(err)) from None
