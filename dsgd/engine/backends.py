@@ -312,7 +312,7 @@ class AutoBackend:
     ``select(name)`` skips the timing (a resumed run keeps its checkpoint's choice)."""
 
     def __init__(self, candidates: dict[str, Callable[[], Backend]], default: str,
-                 margin: float = 1.15, floor_s: float = 0.02):
+                 margin: float = 1.1, floor_s: float = 0.02):
         self.candidates, self.default, self.margin, self.floor_s = (candidates, default, margin,
                                                                     floor_s)
         self.chosen: Backend | None = None
