@@ -6,9 +6,10 @@ Every rank builds the same model and the same full (m, B, ...) batches, trains o
 and writes ``OUT_DIR/<name>.rank<r>.pt`` with its block of the final weights and bytes_sent.
 
 A config may inject a fault on one rank at one step: ``{"rank": 2, "step": 5, "kind": k}`` with
-k = "exit" (os._exit(1)), "hang" (sleep forever) or "wait" (write ``<name>.rank<r>.ready`` and
-sleep, for the test to SIGKILL it). A rank that fails writes ``<name>.rank<r>.error`` (the
-message) and exits with status 2 through ``abort_process``, as the CLI should on a PeerFailure.
+k = "exit" (os._exit(1)), "hang" (sleep forever), "wait" (write ``<name>.rank<r>.ready`` and
+sleep, for the test to SIGKILL it) or "nan" (a NaN in the rank's batch: its loss diverges). A
+rank that fails writes ``<name>.rank<r>.error`` (the message) and exits with status 2 through
+``abort_process``, as the CLI should on a PeerFailure.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def run(cfg: dict, out: Path, rank: int) -> None:
     rows = slice(comm.workers.start, comm.workers.stop)
     fault = cfg.get("fault") or {}
     for t, (x, y) in enumerate(batches(cfg["m"], cfg["steps"])):
-        if fault.get("rank") == rank and fault.get("step") == t:
+        if fault.get("rank") == rank and fault.get("step") == t and fault["kind"] == "nan":
+            x = x.clone()
+            x[rows.start, 0, 0] = float("nan")  # this rank's first worker diverges
+        elif fault.get("rank") == rank and fault.get("step") == t:
             (out / f"{cfg['name']}.rank{rank}.ready").write_text(str(time.time()))
             if fault["kind"] == "exit":
                 os._exit(1)

@@ -231,7 +231,7 @@ def _children(pid: int) -> list[int]:
 
 def test_resume_takes_the_step_every_rank_holds(tmp_path):
     """A crash between two ranks' saves: the rank ahead resumes from its previous checkpoint."""
-    from dsgd.experiments.runner import Run
+    from dsgd.experiments.rundir import RunDir
 
     out = tmp_path / "run"
     assert main(["train", *sets("train.steps=10"), "--out", str(out)]) == 0
@@ -244,10 +244,10 @@ def test_resume_takes_the_step_every_rank_holds(tmp_path):
         def agree_min(self, value):
             return min(value, self.step)
 
-    assert Run(out).start(cfg, resume=True, comm=Behind(10))["engine"]["step"] == 10
-    assert Run(out).start(cfg, resume=True, comm=Behind(5))["engine"]["step"] == 5
+    assert RunDir(out).start(cfg, resume=True, comm=Behind(10))["engine"]["step"] == 10
+    assert RunDir(out).start(cfg, resume=True, comm=Behind(5))["engine"]["step"] == 5
     with pytest.raises(UserError, match="different steps"):
-        Run(out).start(cfg, resume=True, comm=Behind(0))
+        RunDir(out).start(cfg, resume=True, comm=Behind(0))
 
 
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(tmp_path, capsys, monkeypatch):

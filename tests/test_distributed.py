@@ -230,9 +230,10 @@ def finish(procs, victim: int, limit_s: float) -> dict[int, tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def fault_jobs(tmp_path_factory):
-    """Three jobs started together: a peer killed during gossip (2 processes), a peer hung
+    """Four jobs started together: a peer killed during gossip (2 processes), a peer hung
     during gossip (4: the rank that is not its neighbour fails when the neighbours exit), a peer
-    hung during C-SGD's all-reduce (2). Yields the output folder and {tag: processes}."""
+    hung during C-SGD's all-reduce (2), a peer whose loss diverges (4). Yields the output
+    folder and {tag: processes}."""
     out = tmp_path_factory.mktemp("faults")
     ring = {"topology": "ring", "m": 4, "steps": STEPS, "checkpoint_dir": "runs/demo"}
     jobs = {
@@ -244,6 +245,8 @@ def fault_jobs(tmp_path_factory):
                              "timeout_s": HANG_TIMEOUT_S,
                              "fault": {"rank": 1, "step": 5, "kind": "hang"}}],
                            out, "hang_csgd", world=2),
+        "nan": spawn([{**ring, "name": "nan", "timeout_s": HANG_TIMEOUT_S,
+                       "fault": {"rank": 1, "step": 5, "kind": "nan"}}], out, "nan"),
     }
     try:
         yield out, jobs
@@ -293,3 +296,15 @@ def test_hung_peer_stops_the_others_after_the_timeout(fault_jobs, tag, victim, s
     for r in neighbours:  # those waiting on the hung rank give up after the timeout, no sooner
         assert waited[r] >= HANG_TIMEOUT_S * 0.9, waited
         assert "timed out" in (out / f"{tag}.rank{r}.error").read_text()
+
+
+def test_a_diverged_rank_is_reported_as_divergence_on_every_rank(fault_jobs):
+    out, jobs = fault_jobs
+    procs = jobs["nan"]
+    for p in procs:
+        p.wait(timeout=HANG_TIMEOUT_S + 60)
+    assert [p.returncode for p in procs] == [2, 2, 2, 2], logs(out, "nan")
+    for r in range(4):
+        error = (out / f"nan.rank{r}.error").read_text()
+        assert "loss is nan at step 5 on worker(s) [1]" in error, error
+        assert ("another process" in error) == (r != 1), error  # and no "stopped responding"

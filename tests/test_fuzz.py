@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from dsgd.data.readers import _load_pickle, _unpickle, read_idx
 from dsgd.errors import UserError
 from dsgd.experiments import config as C
-from dsgd.experiments.runner import Run
+from dsgd.experiments.rundir import RunDir
 
 FAST = settings(max_examples=40, deadline=2000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -274,7 +274,7 @@ def test_fuzz_checkpoint_bytes(profile, tmp_path, tally):
                                st.integers(0, 255), st.integers(0, 3000))))
     def check(content):
         assume(content != good)
-        run = Run(tmp_path / "run")
+        run = RunDir(tmp_path / "run")
         run.ckpt.parent.mkdir(parents=True, exist_ok=True)
         run.ckpt.write_bytes(content)
         try:

@@ -25,6 +25,7 @@ from dsgd.errors import TrainingDiverged, UserError
 from dsgd.experiments import config as C
 from dsgd.experiments import runner as R
 from dsgd.experiments.cli import main
+from dsgd.experiments.rundir import RunDir
 from dsgd.report.runs import is_finished, load_run
 from dsgd.topology import TopologyError, from_adjacency, make_topology
 
@@ -329,7 +330,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(finished_run, tmp_pa
 # ---------------------------------------------------------------- 9. one process per run
 def test_a_second_process_on_one_run_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    holder = R.Run(out)
+    holder = RunDir(out)
     holder.lock()  # another open file description: flock treats it as another process
     try:
         code = main(["train", *sets(*SHORT), "--out", str(out)])

@@ -67,7 +67,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dsgd.errors import UserError
+from dsgd.errors import TrainingDiverged, UserError
 from dsgd.topology import Topology
 
 __all__ = [
@@ -83,6 +83,7 @@ __all__ = [
 ]
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_DIVERGED = "dsgd/diverged"  # the store key a diverged rank leaves its message under
 
 
 class DistributedSetupError(UserError):
@@ -262,7 +263,26 @@ class TorchDistributedCommunicator:
                 f"{int(probe[0])}): give every process the same config")
 
     # ---- faults ------------------------------------------------------------------------------
+    def announce_divergence(self, message: str) -> None:
+        """Leave why this process stops in the job's key-value store (the rendezvous store every
+        rank reaches), so that peers which find it gone report divergence, not a dead peer."""
+        try:
+            dist.distributed_c10d._get_default_store().set(_DIVERGED, message)
+        except Exception:  # no store (a process group made without one): peers see a dead peer
+            pass
+
+    def _divergence(self) -> str | None:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            return store.get(_DIVERGED).decode() if store.check([_DIVERGED]) else None
+        except Exception:
+            return None
+
     def _failure(self, what: str, peer: int | None, started: float, err: Exception):
+        reason = self._divergence()
+        if reason is not None:  # the peer stopped because its loss diverged: say that
+            return TrainingDiverged(f"{reason} (on another process; this one stopped at step "
+                                    f"{self.step})")
         elapsed = time.monotonic() - started
         text = str(err).lower()
         why = ("timed out" if "timed out" in text or "timeout" in text

@@ -247,8 +247,12 @@ class Engine:
         if bool(finite.all()):
             return
         bad = [self.comm.workers[j] for j in torch.nonzero(~finite).flatten()]
-        raise TrainingDiverged(f"loss is {loss[~finite][0].item()} at step {t} on worker(s) "
-                               f"{bad[:8]}: lower the learning rate (now {lr:g}) or add warmup")
+        message = (f"loss is {loss[~finite][0].item()} at step {t} on worker(s) {bad[:8]}: "
+                   f"lower the learning rate (now {lr:g}) or add warmup")
+        announce = getattr(self.comm, "announce_divergence", None)  # under torchrun
+        if announce is not None:
+            announce(message)
+        raise TrainingDiverged(message)
 
     def _apply_rule(self, grads: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Hand the gradient to a SAM-family rule, which may evaluate more gradients (at other

@@ -73,7 +73,7 @@ def _train_distributed(cfg, out: Path, args) -> dict | None:
     from dsgd.experiments.runner import topology_of, train
 
     ctx = D.init_from_env(timeout_s=args.timeout)
-    cfg = C.from_dict(C.apply_overrides(C.to_dict(cfg), [f'device="{ctx.device}"']))
+    cfg = C.with_overrides(cfg, [f'device="{ctx.device}"'])
     topo = topology_of(cfg)
     try:
         comm = D.TorchDistributedCommunicator(topo, timeout_s=args.timeout, checkpoint_dir=out)

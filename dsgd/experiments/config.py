@@ -281,6 +281,11 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``section.key=value`` overrides applied, validated again."""
+    return from_dict(apply_overrides(to_dict(cfg), overrides))
+
+
 def _parse_value(text: str) -> Any:
     """A TOML value (1e-3, true, [1, 2], "x"); a bare word is a string."""
     try:

@@ -102,9 +102,9 @@ def lr_sweep(
     for seed in seeds:
         for lr in lrs:
             n_steps = steps if steps is not None else max(1, round(total_time / lr))
-            cfg = C.from_dict(C.apply_overrides(C.to_dict(base), [
+            cfg = C.with_overrides(base, [
                 "train.algorithm=dsgd", f"train.lr={float(lr)!r}", "train.schedule=constant",
-                "train.warmup_steps=0", f"train.steps={n_steps}", f"train.seed={seed}"]))
+                "train.warmup_steps=0", f"train.steps={n_steps}", f"train.seed={seed}"])
             setup = build(cfg)
             engine, loader = setup.engine, setup.loader
             set_activation(engine.model, activation)
@@ -156,9 +156,9 @@ def deviation_scaling(
     """
     from dsgd.experiments.runner import build
 
-    cfg = C.from_dict(C.apply_overrides(C.to_dict(base), [
+    cfg = C.with_overrides(base, [
         "train.algorithm=dsgd", f"train.lr={float(lr)!r}", "train.schedule=constant",
-        "train.warmup_steps=0", f"train.steps={steps}", f"train.seed={seed}"]))
+        "train.warmup_steps=0", f"train.steps={steps}", f"train.seed={seed}"])
     setup = build(cfg)
     engine, loader = setup.engine, setup.loader
     set_activation(engine.model, activation)

@@ -220,7 +220,7 @@ class Setting:
 
 
 def _with(cfg: C.Config, overrides: list[str]) -> C.Config:
-    return C.from_dict(C.apply_overrides(C.to_dict(cfg), overrides))
+    return C.with_overrides(cfg, overrides)
 
 
 def settings(scale: Scale, seeds: int | None = None, extra: list[str] | None = None

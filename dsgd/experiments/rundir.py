@@ -92,7 +92,7 @@ def _notice(text: str) -> None:
     print(f"dsgd: {text}", file=sys.stderr, flush=True)
 
 
-class Run:
+class RunDir:
     """The files of one run directory."""
 
     def __init__(self, out: Path, rank: int = 0, world: int = 1):

@@ -37,7 +37,7 @@ from dsgd.engine.network import faulty
 from dsgd.errors import RunInterrupted, TrainingDiverged, UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.instruments import measure
-from dsgd.experiments.rundir import Run, os_error_message
+from dsgd.experiments.rundir import RunDir, os_error_message
 from dsgd.models import build_model
 from dsgd.optim import SGD
 from dsgd.optim.schedule import constant, cosine, warmup_multistep
@@ -196,7 +196,7 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
         except ImportError:
             raise UserError("log.tensorboard = true needs the tensorboard package: pip install "
                             "tensorboard, or set log.tensorboard = false") from None
-    run = Run(Path(out), rank, world)
+    run = RunDir(Path(out), rank, world)
     run.lock()
     try:
         return _train(cfg, run, resume, comm)
@@ -204,7 +204,7 @@ def train(cfg: C.Config, out: str | Path, *, resume: bool = False, comm=None) ->
         run.unlock()
 
 
-def _train(cfg: C.Config, run: Run, resume: bool, comm) -> dict:
+def _train(cfg: C.Config, run: RunDir, resume: bool, comm) -> dict:
     state = run.start(cfg, resume, comm)
     setup = build(cfg, comm)
     engine, loader, ds, t, log = setup.engine, setup.loader, setup.dataset, cfg.train, cfg.log
