@@ -60,6 +60,13 @@ def rows(msg: Message, index: Tensor) -> Message:
     return Message(msg.values[index], msg.size, pick(msg.indices), pick(msg.scale), msg.meta)
 
 
+def _scatter(msg: Message) -> Tensor:
+    """The dense (m, P) rows of a sparse message: its values at its indices, zeros elsewhere."""
+    assert msg.indices is not None
+    out = msg.values.new_zeros(msg.values.shape[0], msg.size)
+    return out.scatter_(1, msg.indices, msg.values)
+
+
 def _k(ratio: float, size: int) -> int:
     return min(size, max(1, math.ceil(ratio * size)))
 
@@ -96,9 +103,7 @@ class TopK:
         return Message(torch.gather(x, 1, idx), x.shape[1], indices=idx)
 
     def decompress(self, msg: Message) -> Tensor:
-        assert msg.indices is not None
-        out = msg.values.new_zeros(msg.values.shape[0], msg.size)
-        return out.scatter_(1, msg.indices, msg.values)
+        return _scatter(msg)
 
     def bytes(self, msg: Message) -> int:
         return msg.values.shape[1] * (msg.values.element_size() + 4)  # values + int32 indices
@@ -121,9 +126,7 @@ class RandomK:
         return Message(torch.gather(x, 1, idx) * (size / k), size, indices=idx)
 
     def decompress(self, msg: Message) -> Tensor:
-        assert msg.indices is not None
-        out = msg.values.new_zeros(msg.values.shape[0], msg.size)
-        return out.scatter_(1, msg.indices, msg.values)
+        return _scatter(msg)
 
     def bytes(self, msg: Message) -> int:
         return msg.values.shape[1] * msg.values.element_size() + 8  # values + the indices' seed

@@ -317,7 +317,20 @@ STATIC = {
     "ring": ring, "grid": grid, "torus": torus, "exponential": exponential,
     "complete": complete, "star": star,
 }
-NAMES = sorted([*STATIC, "one_peer_exponential", "directed_exponential", "random_regular"])
+TIME_VARYING = {"one_peer_exponential": one_peer_exponential,
+                "directed_exponential": directed_exponential}
+NAMES = sorted([*STATIC, *TIME_VARYING, "random_regular"])
+
+
+def _time_varying(name: str, m: int, schedule: Callable[[int, int], MixingMatrix]) -> Topology:
+    """A schedule that cycles through log2(m) matrices, each doubly stochastic, connected over
+    the cycle (the directed exponential graph is a circulant too, so every algorithm may use
+    it)."""
+    window = [schedule(m, t) for t in range(max(1, math.ceil(math.log2(m))))]
+    for P in window:
+        validate(P, name, connected=False)
+    validate(sum(window) / len(window), f"{name} over {len(window)} steps")
+    return Topology(name, m, lambda t: schedule(m, t), time_varying=True)
 
 
 def make_topology(name: str, m: int, *, shuffle: bool | str = False, seed: int = 0,
@@ -326,19 +339,8 @@ def make_topology(name: str, m: int, *, shuffle: bool | str = False, seed: int =
     True or "symmetric" (Pi^T P Pi), "paper" (Pi1^T P Pi2), False for none."""
     if name in STATIC:
         topo = Topology.static(name, STATIC[name](m))
-    elif name == "one_peer_exponential":
-        window = [one_peer_exponential(m, t) for t in range(max(1, math.ceil(math.log2(m))))]
-        for P in window:
-            validate(P, name, connected=False)
-        validate(sum(window) / len(window), f"{name} over {len(window)} steps")
-        topo = Topology(name, m, lambda t: one_peer_exponential(m, t), time_varying=True)
-    elif name == "directed_exponential":
-        # a circulant: its columns and rows both sum to 1, so every algorithm may use it
-        window = [directed_exponential(m, t) for t in range(max(1, math.ceil(math.log2(m))))]
-        for P in window:
-            validate(P, name, connected=False)
-        validate(sum(window) / len(window), f"{name} over {len(window)} steps")
-        topo = Topology(name, m, lambda t: directed_exponential(m, t), time_varying=True)
+    elif name in TIME_VARYING:
+        topo = _time_varying(name, m, TIME_VARYING[name])
     elif name == "random_regular":
         topo = Topology.static(name, random_regular(m, degree, seed))
     else:

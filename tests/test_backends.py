@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from test_engine import M, batches, convnet
 from torch import nn
 
 from dsgd.engine import Engine
@@ -21,24 +22,10 @@ from dsgd.errors import BatchError, UserError
 from dsgd.optim import SGD
 from dsgd.topology import make_topology
 
-M = 6
-
 
 def mlp(dropout=0.0):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Dropout(dropout), nn.Linear(7, 3))
-
-
-def convnet():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(3 * 3 * 3, 3))
-
-
-def batches(shape, steps, m=M, B=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(m, B, *shape, generator=g), torch.randint(0, 3, (m, B), generator=g))
-            for _ in range(steps)]
 
 
 def objective(engine):

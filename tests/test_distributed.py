@@ -298,13 +298,18 @@ def test_hung_peer_stops_the_others_after_the_timeout(fault_jobs, tag, victim, s
         assert "timed out" in (out / f"{tag}.rank{r}.error").read_text()
 
 
-def test_a_diverged_rank_is_reported_as_divergence_on_every_rank(fault_jobs):
+def test_a_diverged_rank_is_reported_as_divergence_by_it_and_its_neighbours(fault_jobs):
+    """Rank 1's loss turns NaN: it and its ring neighbours 0 and 2 say so. Rank 3 notices only
+    when rank 0 (which hosts the job's store without torchrun's agent) exits, so it may report
+    a stopped peer instead; both are one line and status 2."""
     out, jobs = fault_jobs
     procs = jobs["nan"]
     for p in procs:
         p.wait(timeout=HANG_TIMEOUT_S + 60)
     assert [p.returncode for p in procs] == [2, 2, 2, 2], logs(out, "nan")
     for r in range(4):
-        error = (out / f"nan.rank{r}.error").read_text()
+        error = (out / f"nan.rank{r}.error").read_text().splitlines()[1]
+        if r == 3 and MESSAGE.fullmatch(error):
+            continue
         assert "loss is nan at step 5 on worker(s) [1]" in error, error
-        assert ("another process" in error) == (r != 1), error  # and no "stopped responding"
+        assert ("another process" in error) == (r != 1), error

@@ -84,6 +84,7 @@ __all__ = [
 
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _DIVERGED = "dsgd/diverged"  # the store key a diverged rank leaves its message under
+_STORE_GRACE_S = 1.0
 
 
 class DistributedSetupError(UserError):
@@ -171,6 +172,11 @@ def abort_process(code: int = 2) -> NoReturn:
             stream.flush()
         except (OSError, ValueError):
             pass
+    if (dist.is_initialized() and dist.get_rank() == 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+        # launched without torchrun's agent, rank 0 hosts the job's store: keep it up a moment
+        # for the peers still reading why a process stopped (``announce_divergence``)
+        time.sleep(_STORE_GRACE_S)
     os._exit(code)
 
 
