@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dsgd.algorithms import Choco
+from dsgd.compress import make_compressor
 from dsgd.engine import Engine
 from dsgd.engine.distributed import (
     TorchDistributedCommunicator,
@@ -55,9 +57,12 @@ def make_engine(cfg: dict, comm=None) -> Engine:
     topo = make_topology(cfg["topology"], cfg["m"], shuffle=cfg.get("shuffle", False), seed=3)
     lr = warmup_multistep(0.2, warmup_steps=2, milestones=[10], gamma=0.5)
     model = mlp(cfg.get("batchnorm", False))
+    algorithm = cfg.get("algorithm", "dsgd")
+    if "compression" in cfg:  # choco: its compressor by name, its consensus step
+        opts = dict(cfg["compression"])
+        algorithm = Choco(make_compressor(opts.pop("name"), **opts), cfg.get("gamma", 1.0), seed=7)
     return Engine(model, topo if comm is None else None, comm=comm, lr=lr,
-                  optimizer=SGD(momentum=cfg.get("momentum", 0.0)),
-                  algorithm=cfg.get("algorithm", "dsgd"))
+                  optimizer=SGD(momentum=cfg.get("momentum", 0.0)), algorithm=algorithm)
 
 
 def run(cfg: dict, out: Path, rank: int) -> None:

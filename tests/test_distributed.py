@@ -59,6 +59,8 @@ CONFIGS = [
     {"name": "pushsum_directed_exp_m8", "topology": "directed_exponential", "m": 8,
      "algorithm": "pushsum"},
     {"name": "drdsgd_exponential_m4", "topology": "exponential", "m": 4, "algorithm": "drdsgd"},
+    {"name": "choco_topk_ring_m4", "topology": "ring", "m": 4, "algorithm": "choco",
+     "compression": {"name": "topk", "ratio": 0.2}, "gamma": 0.5},
 ]
 for _cfg in CONFIGS:
     _cfg["steps"] = STEPS
@@ -189,6 +191,11 @@ def test_bytes_sent_is_neighbour_rows_only(torchrun_results):
     # one-peer exponential, 2 workers per rank: offsets 1, 2, 4 need 1, 2, 2 remote rows
     rows = sum((1, 2, 2)[t % 3] for t in range(STEPS))
     assert [p["bytes_sent"] for p in torchrun_results["one_peer_exp_m8"]] == [rows * row] * 4
+    # CHOCO top-20 %: each rank sends its message (k values + k int32 indices) to 2 neighbours,
+    # as the simulated engine counts it
+    k = -(-P * 2 // 10)
+    assert [p["bytes_sent"] for p in torchrun_results["choco_topk_ring_m4"]] == [
+        STEPS * 2 * k * 8] * WORLD
     # an all-gather of every worker would send (W - 1) rows per rank and step
     assert torchrun_results["ring_m4"][0]["bytes_sent"] < STEPS * (WORLD - 1) * row
 

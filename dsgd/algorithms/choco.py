@@ -46,9 +46,6 @@ class Choco(Stateless):
                              f"{self.consensus_step}")
 
     def init(self, w: Tensor, comm: Communicator) -> State:
-        if not hasattr(comm, "mix_message"):
-            raise UserError("choco sends compressed messages, which this communicator cannot "
-                            "yet: run it with every worker in one process (--engine simulated)")
         if comm.topology.time_varying:
             raise UserError(f"choco keeps P x_hat up to date from the messages, which needs a "
                             f"fixed mixing matrix; {comm.topology.name} changes every step")

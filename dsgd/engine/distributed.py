@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dsgd.compress import Compressor, Message
 from dsgd.errors import TrainingDiverged, UserError
 from dsgd.topology import Topology
 
@@ -328,20 +329,21 @@ class TorchDistributedCommunicator:
         self._cache = (key, like.dtype, like.device, plan)
         return plan
 
-    def mix(self, x: Tensor, step: int) -> Tensor:  # (b, P) -> (b, P)
-        self.step = step
-        plan = self.plan(step, x)
-        x = x.contiguous()
-        bufs = [x.new_empty(n, x.shape[1]) for _, n in plan.recvs]  # (n, P) each
-        # gloo and nccl send contiguous tensors whose dtype the receiver expects: x[idx] is a
-        # fresh contiguous copy in x's dtype, and every rank mixes the same dtype.
-        ops = [dist.P2POp(dist.isend, x[idx], self._global(q), self.group)
-               for q, idx in plan.sends]
+    def _exchange(self, parts: list[Tensor], plan: GossipPlan) -> list[list[Tensor]]:
+        """Send each neighbouring rank the rows it reads of every tensor in ``parts`` (all with
+        the hosted workers as rows) and receive theirs; returns, per receive of the plan, the
+        received rows of every part. One ``batch_isend_irecv`` for the whole step."""
+        # gloo and nccl send contiguous tensors whose dtype the receiver expects: t[idx] is a
+        # fresh contiguous copy, and every rank exchanges the same dtypes and widths.
+        bufs = [[t.new_empty(n, *t.shape[1:]) for t in parts] for _, n in plan.recvs]
+        ops = [dist.P2POp(dist.isend, t[idx], self._global(q), self.group)
+               for q, idx in plan.sends for t in parts]
         ops += [dist.P2POp(dist.irecv, buf, self._global(q), self.group)
-                for (q, _), buf in zip(plan.recvs, bufs)]
+                for (q, _), received in zip(plan.recvs, bufs) for buf in received]
         if ops:
             started = time.monotonic()
-            peers = [q for q, _ in plan.sends] + [q for q, _ in plan.recvs]
+            peers = ([q for q, _ in plan.sends for _ in parts]
+                     + [q for q, _ in plan.recvs for _ in parts])
             try:
                 works = dist.batch_isend_irecv(ops)
             except RuntimeError as e:
@@ -349,8 +351,36 @@ class TorchDistributedCommunicator:
             # the returned works match ops one to one on gloo; nccl coalesces into one
             self._wait(works, peers if len(works) == len(ops) else [None] * len(works),
                        "gossip", started)
+        return bufs
+
+    def mix(self, x: Tensor, step: int) -> Tensor:  # (b, P) -> (b, P)
+        self.step = step
+        plan = self.plan(step, x)
+        x = x.contiguous()
+        bufs = [rows for (rows,) in self._exchange([x], plan)]  # (n, P) each
+        if plan.sends or plan.recvs:
             self.bytes_sent += plan.rows_sent * x.shape[1] * x.element_size()
         return plan.weights @ torch.cat([x, *bufs]) if bufs else plan.weights @ x
+
+    def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
+        """``P(step) @ decompress(msg)`` where what travels is the compressed message (its
+        values, indices and scales), decoded by the receiver."""
+        self.step = step
+        own = compressor.decompress(msg)  # (b, P)
+        plan = self.plan(step, own)
+        parts = [t.contiguous() for t in (msg.values, msg.indices, msg.scale) if t is not None]
+        has = (msg.indices is not None, msg.scale is not None)
+        decoded = []
+        for received in self._exchange(parts, plan):
+            it = iter(received)
+            values = next(it)
+            indices = next(it) if has[0] else None
+            scale = next(it) if has[1] else None
+            decoded.append(compressor.decompress(Message(values, msg.size, indices, scale,
+                                                         msg.meta)).to(own.dtype))
+        if plan.sends or plan.recvs:
+            self.bytes_sent += plan.rows_sent * compressor.bytes(msg)
+        return plan.weights @ torch.cat([own, *decoded]) if decoded else plan.weights @ own
 
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` over all ranks (e.g. the checkpoint step every rank holds)."""
