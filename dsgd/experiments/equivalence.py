@@ -70,6 +70,21 @@ def _fixed_batch(dataset, n: int) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------- learning-rate sweep
 
 
+
+def _constant_lr_dsgd(base: C.Config, lr: float, steps: int, seed: int, activation: str,
+                      eval_samples: int):
+    """D-SGD of ``base`` at a constant ``lr`` for ``steps``: (engine, loader, x, y), with x, y a
+    fixed batch of ``eval_samples`` training samples on the engine's device."""
+    from dsgd.experiments.runner import build
+
+    setup = build(C.with_overrides(base, [
+        "train.algorithm=dsgd", f"train.lr={float(lr)!r}", "train.schedule=constant",
+        "train.warmup_steps=0", f"train.steps={steps}", f"train.seed={seed}"]))
+    set_activation(setup.engine.model, activation)
+    x, y = _fixed_batch(setup.dataset, eval_samples)
+    dev = setup.engine.w.device
+    return setup.engine, setup.loader, x.to(dev), y.to(dev)
+
 def lr_sweep(
     base: C.Config,
     lrs: Sequence[float],
@@ -94,7 +109,6 @@ def lr_sweep(
     JSON-ready row per (eta, seed, checkpoint): lr, seed, step, time, consensus, res_sgd,
     res_adsam, res_adsam_noise (its Monte Carlo noise floor), res_2nd, ...
     """
-    from dsgd.experiments.runner import build
 
     if (steps is None) == (total_time is None):
         raise ValueError("give exactly one of steps and total_time")
@@ -102,14 +116,8 @@ def lr_sweep(
     for seed in seeds:
         for lr in lrs:
             n_steps = steps if steps is not None else max(1, round(total_time / lr))
-            cfg = C.with_overrides(base, [
-                "train.algorithm=dsgd", f"train.lr={float(lr)!r}", "train.schedule=constant",
-                "train.warmup_steps=0", f"train.steps={n_steps}", f"train.seed={seed}"])
-            setup = build(cfg)
-            engine, loader = setup.engine, setup.loader
-            set_activation(engine.model, activation)
-            x, y = _fixed_batch(setup.dataset, eval_samples)
-            x, y = x.to(engine.w.device), y.to(engine.w.device)
+            engine, loader, x, y = _constant_lr_dsgd(base, lr, n_steps, seed, activation,
+                                                     eval_samples)
             marks = sorted({max(1, round(f * n_steps)) for f in checkpoints})
             gen = torch.Generator().manual_seed(seed)
             while engine.step_count < n_steps:
@@ -154,16 +162,8 @@ def deviation_scaling(
     (``res_adsam_plain``, ``res_adsam_plain_noise``), whose noise floor scales like s^2.
     Returns one JSON-ready row per s.
     """
-    from dsgd.experiments.runner import build
 
-    cfg = C.with_overrides(base, [
-        "train.algorithm=dsgd", f"train.lr={float(lr)!r}", "train.schedule=constant",
-        "train.warmup_steps=0", f"train.steps={steps}", f"train.seed={seed}"])
-    setup = build(cfg)
-    engine, loader = setup.engine, setup.loader
-    set_activation(engine.model, activation)
-    x, y = _fixed_batch(setup.dataset, eval_samples)
-    x, y = x.to(engine.w.device), y.to(engine.w.device)
+    engine, loader, x, y = _constant_lr_dsgd(base, lr, steps, seed, activation, eval_samples)
     while engine.step_count < steps:
         engine.step(*loader.next_batch())
     avg = engine.module(engine.average_state())
