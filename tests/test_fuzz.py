@@ -287,3 +287,16 @@ def test_fuzz_checkpoint_bytes(profile, tmp_path, tally):
         assert isinstance(state["engine"]["step"], int)  # a flip in padding: still whole
 
     check()
+
+
+def test_a_damaged_pickle_that_breaks_numpys_dtype_is_one_line(tmp_path):
+    """Found by the long fuzz profile: this mutation of a valid pickle made the unpickler raise
+    SystemError from numpy's dtype constructor."""
+    good = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
+                         b"filenames": [b"a", b"b"]}, protocol=2)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(_mutate(good, 207, 3, 0))
+    try:
+        _unpickle(str(path), b"labels")
+    except UserError as err:
+        assert "\n" not in str(err)

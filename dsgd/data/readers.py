@@ -140,8 +140,27 @@ _PICKLE_VALUES = (dict, list, tuple, bytes, bytearray, str, int, float, bool, ty
                   np.ndarray)
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Admits only _PICKLE_GLOBALS (see there)."""
+class _CifarUnpickler(pickle._Unpickler):
+    """Admits only _PICKLE_GLOBALS (see there), and a numpy dtype only with its own canonical
+    state: ``dtype.__setstate__`` given a damaged state can corrupt numpy's internals. (The
+    pure-Python unpickler, whose BUILD opcode can be intercepted; a CIFAR file is a few large
+    bytes objects, so it is not slower in practice.)"""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            # a Python 2 pickle read with encoding="bytes" holds the byte order as b"|"
+            plain = (tuple(v.decode("latin-1") if isinstance(v, bytes) else v for v in state)
+                     if isinstance(state, tuple) else state)
+            if plain != inst.__reduce__()[2]:
+                raise pickle.UnpicklingError(f"refused a damaged state for dtype {inst}")
+            self.stack.pop()  # the state is the one the dtype already has
+            return
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         try:
@@ -161,7 +180,9 @@ def _load_pickle(path: str) -> dict:
         d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError, OverflowError, MemoryError, RecursionError,
-            UnicodeDecodeError, struct_error) as e:
+            UnicodeDecodeError, struct_error, SystemError) as e:
+        # SystemError: numpy's dtype constructor, handed a corrupted argument by a damaged
+        # file, can fail without setting an exception
         raise UserError(
             f"{path} is not a CIFAR python-version pickle ({type(e).__name__}: "
             f"{str(e)[:120]}); re-download it"
