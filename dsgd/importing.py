@@ -10,8 +10,10 @@ found: a config names code the user has; it cannot carry code of its own.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from dsgd.errors import UserError
 
@@ -45,3 +47,23 @@ def import_object(spec: str, key: str) -> Callable:
     if not callable(obj):
         raise UserError(f'{key} = "{spec}" is a {type(obj).__name__}, not a callable factory')
     return obj
+
+
+def call_imported(spec: str, key: str, what: str, options: Mapping[str, Any],
+                  context: Mapping[str, Any]) -> Any:
+    """Import ``spec`` (see ``import_object``) and call it with ``options`` as keywords, plus each
+    ``context`` value (e.g. ``num_classes``) that the factory names and the options do not
+    set. Options the factory does not take are one line: ``"<what> 'spec': bad options"``."""
+    factory = import_object(spec, key)
+    try:
+        named = inspect.signature(factory).parameters
+    except ValueError:  # no signature available (some builtins): hand over the options only
+        named = {}
+    kwargs = {k: v for k, v in context.items() if k in named and k not in options} | dict(options)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as err:
+        raise UserError(f"{what} {spec!r}: bad options {sorted(options)}: {err}") from None
+    except ValueError:
+        pass
+    return factory(**kwargs)

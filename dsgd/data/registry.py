@@ -23,7 +23,7 @@ import torch
 from dsgd.data.dataset import Dataset, first, resize
 from dsgd.data.readers import read_cifar10, read_cifar100, read_fashion_mnist, read_tiny_imagenet
 from dsgd.errors import UserError
-from dsgd.importing import import_object, is_import_name
+from dsgd.importing import call_imported, is_import_name
 
 
 def make_synthetic(
@@ -213,20 +213,8 @@ def as_dataset(obj, name: str) -> Dataset:
 
 def _load_imported(spec: str, data_dir: str | None, n_train: int | None, n_test: int | None,
                    image_size: int | None, options: dict) -> Dataset:
-    factory = import_object(spec, "data.name")
-    try:
-        named = inspect.signature(factory).parameters
-    except ValueError:
-        named = {}
-    if data_dir is not None and "data_dir" in named:
-        options = {"data_dir": data_dir, **options}
-    try:
-        inspect.signature(factory).bind(**options)
-    except TypeError as err:
-        raise UserError(f"data {spec!r}: bad options {sorted(options)}: {err}") from None
-    except ValueError:
-        pass
-    ds = as_dataset(factory(**options), spec)
+    context = {"data_dir": data_dir} if data_dir is not None else {}
+    ds = as_dataset(call_imported(spec, "data.name", "data", options, context), spec)
     k_train = first(n_train, "n_train", len(ds.y_train))
     k_test = first(n_test, "n_test", len(ds.y_test))
     x_train, x_test = ds.x_train[:k_train], ds.x_test[:k_test]

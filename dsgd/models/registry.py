@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from dsgd.errors import UserError
-from dsgd.importing import import_object, is_import_name
+from dsgd.importing import call_imported, is_import_name
 
 ModelFactory = Callable[..., nn.Module]  # (num_classes, in_shape, **options) -> nn.Module
 
@@ -82,20 +82,8 @@ def _build_imported(spec: str, num_classes: int, in_shape: Sequence[int],
                     options: dict[str, object]) -> nn.Module:
     """``factory(**options)`` for ``spec = "module:factory"``, handing it ``num_classes`` and
     ``in_shape`` as keywords where it names them (and the options do not)."""
-    factory = import_object(spec, "model.name")
-    try:
-        named = inspect.signature(factory).parameters
-    except ValueError:  # no signature available (some builtins)
-        named = {}
-    given = {"num_classes": num_classes, "in_shape": tuple(in_shape)}
-    kwargs = {k: v for k, v in given.items() if k in named and k not in options} | options
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as err:
-        raise UserError(f"model {spec!r}: bad options {sorted(options)}: {err}") from None
-    except ValueError:
-        pass
-    model = factory(**kwargs)
+    model = call_imported(spec, "model.name", "model", options,
+                          {"num_classes": num_classes, "in_shape": tuple(in_shape)})
     if not isinstance(model, nn.Module):
         raise UserError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
     return model
