@@ -161,6 +161,15 @@ def shutdown(timeout_s: float = 60) -> None:
     dist.destroy_process_group()
 
 
+def announced_divergence() -> str | None:
+    """The message a diverged rank left in the job's store (``announce_divergence``), if any."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return store.get(_DIVERGED).decode() if store.check([_DIVERGED]) else None
+    except Exception:  # no process group or no store
+        return None
+
+
 def abort_process(code: int = 2) -> NoReturn:
     """End this process now with status ``code``, after a :class:`PeerFailure` was reported.
 
@@ -174,7 +183,8 @@ def abort_process(code: int = 2) -> NoReturn:
         except (OSError, ValueError):
             pass
     if (dist.is_initialized() and dist.get_rank() == 0
-            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+            and announced_divergence() is not None):
         # launched without torchrun's agent, rank 0 hosts the job's store: keep it up a moment
         # for the peers still reading why a process stopped (``announce_divergence``)
         time.sleep(_STORE_GRACE_S)
@@ -278,15 +288,8 @@ class TorchDistributedCommunicator:
         except Exception:  # no store (a process group made without one): peers see a dead peer
             pass
 
-    def _divergence(self) -> str | None:
-        try:
-            store = dist.distributed_c10d._get_default_store()
-            return store.get(_DIVERGED).decode() if store.check([_DIVERGED]) else None
-        except Exception:
-            return None
-
     def _failure(self, what: str, peer: int | None, started: float, err: Exception):
-        reason = self._divergence()
+        reason = announced_divergence()
         if reason is not None:  # the peer stopped because its loss diverged: say that
             return TrainingDiverged(f"{reason} (on another process; this one stopped at step "
                                     f"{self.step})")
