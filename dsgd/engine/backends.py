@@ -43,6 +43,7 @@ from dsgd._types import Params
 from dsgd.engine.layout import Layout
 
 Gradients = tuple[Tensor, Tensor, Tensor]  # grads (m, P), loss (m,), accuracy (m,)
+STRATEGIES = ("auto", "vmap", "loop")
 
 
 class Backend(Protocol):
@@ -413,8 +414,8 @@ def make_backend(strategy: str, objective: Objective, *, m_local: int, device: t
         return VmapBackend(objective, chunk_size, compile)
     if strategy == "loop":
         return LoopBackend(objective)
-    if strategy != "auto":
-        raise ValueError(f"strategy must be auto, vmap or loop, got {strategy!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     default = default_strategy(objective.model, m_local, device)
     if m_local <= 1:
         return LoopBackend(objective)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from dsgd._types import Params, Stacked
 from dsgd.algorithms import Algorithm, LocalSGD, make_algorithm
-from dsgd.engine.backends import Objective, drawing_from, make_backend
+from dsgd.engine.backends import STRATEGIES, Objective, drawing_from, make_backend
 from dsgd.engine.checks import check_batch
 from dsgd.engine.comm import Communicator, LocalCommunicator
 from dsgd.engine.layout import Layout
@@ -45,7 +45,6 @@ from dsgd.optim.schedule import Schedule, constant
 from dsgd.optim.sgd import SGD
 from dsgd.topology import Topology, TopologyError
 
-STRATEGIES = ("auto", "vmap", "loop")
 
 
 @dataclass
