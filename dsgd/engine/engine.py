@@ -46,7 +46,6 @@ from dsgd.optim.sgd import SGD
 from dsgd.topology import Topology, TopologyError
 
 
-
 @dataclass
 class StepResult:
     loss: Tensor  # (m_local,) each worker's mini-batch loss, before the update
