@@ -113,7 +113,7 @@ def test_one_process_group_mixes_like_the_local_communicator(monkeypatch):
         for step in range(4):
             torch.testing.assert_close(comm.mix(x, step), local.mix(x, step))
         torch.testing.assert_close(comm.mean(x), local.mean(x))
-        assert comm.bytes_sent == 5 * 4  # nothing to send for gossip; the all-reduce's vector
+        assert comm.bytes_sent == 0  # alone: nothing to send for gossip or the all-reduce
     finally:
         shutdown()
 
@@ -186,8 +186,9 @@ def test_bytes_sent_is_neighbour_rows_only(torchrun_results):
     assert [p["bytes_sent"] for p in torchrun_results["ring_m4"]] == [STEPS * 2 * row] * WORLD
     # exponential(4): i reads i+1 and i+2, so each rank serves two ranks
     assert [p["bytes_sent"] for p in torchrun_results["exponential_m4"]] == [STEPS * 2 * row] * 4
-    # C-SGD: one all-reduce of the gradient per step, counted at its nominal size
-    assert [p["bytes_sent"] for p in torchrun_results["csgd_m8"]] == [STEPS * row] * WORLD
+    # C-SGD: one ring all-reduce of the gradient per step over W ranks: 2 (W - 1) / W of it
+    assert [p["bytes_sent"] for p in torchrun_results["csgd_m8"]] == [
+        STEPS * 2 * (WORLD - 1) * row // WORLD] * WORLD
     # one-peer exponential, 2 workers per rank: offsets 1, 2, 4 need 1, 2, 2 remote rows
     rows = sum((1, 2, 2)[t % 3] for t in range(STEPS))
     assert [p["bytes_sent"] for p in torchrun_results["one_peer_exp_m8"]] == [rows * row] * 4

@@ -229,10 +229,19 @@ def test_nominal_bytes_per_worker_per_step(name, rows):
     assert per_worker == rows * engine.layout.size * 4  # float32 rows to each out-neighbour
 
 
-def test_csgd_bytes_are_one_all_reduce_per_worker():
+def test_csgd_bytes_are_one_ring_all_reduce_per_worker():
     engine = Engine(mlp(), make_topology("ring", M), lr=0.1, algorithm="csgd")
     engine.step(*batches((5,), 1)[0])
-    assert engine.comm.bytes_sent == M * engine.layout.size * 4
+    # reduce-scatter then all-gather: 2 (m - 1) chunks of P / m values per worker
+    assert engine.comm.bytes_sent == M * 2 * (M - 1) / M * engine.layout.size * 4
+    assert engine.comm.rounds == [("allreduce", -1, engine.layout.size * 4)]
+
+
+def test_gossip_rounds_name_their_step_and_message_size():
+    engine = Engine(mlp(), make_topology("ring", M), lr=0.1)
+    for x, y in batches((5,), 2):
+        engine.step(x, y)
+    assert engine.comm.rounds == [("gossip", t, engine.layout.size * 4) for t in range(2)]
 
 
 @pytest.mark.parametrize("name", ["ring", "exponential", "one_peer_exponential", "complete"])

@@ -1,12 +1,14 @@
 """Faults (dropped links, stragglers) and the simulated clock against their closed forms."""
 
+import json
+
 import pytest
 import torch
 from test_algorithms import directed as directed_topology
 from torch import nn
 
 from dsgd.engine import Engine
-from dsgd.engine.network import SimulatedClock, faulty
+from dsgd.engine.network import NetworkClock, SimulatedClock, faulty, straggling
 from dsgd.topology import Topology, make_topology
 
 
@@ -78,3 +80,91 @@ def test_clock_closed_forms():
     assert clock.allreduce_step(m, vector, delays) == pytest.approx(allreduce + 0.5)
     late = clock.gossip_step(ring, vector, delays)
     assert set(torch.nonzero(late > gossip + 0.4).flatten().tolist()) == {2, 3, 4}
+
+
+C, LAT, BW = 0.01, 1e-3, 1.25e8  # compute s, latency s, bytes/s (1 Gbit/s)
+VEC = 4e6  # a 1M-parameter float32 vector
+
+
+def ring_clock(m=16, **kw):
+    return NetworkClock(SimulatedClock(C, LAT, BW), make_topology("ring", m), **kw)
+
+
+def test_the_clock_of_a_run_is_the_sum_of_its_steps_closed_forms():
+    m, n = 16, 7
+    gossip, allreduce = ring_clock(m), ring_clock(m)
+    for t in range(n):
+        g = gossip.advance(t, [("gossip", t, VEC)])
+        a = allreduce.advance(t, [("allreduce", -1, VEC)])
+    assert g == pytest.approx(n * (C + LAT + VEC / BW))
+    assert a == pytest.approx(n * (C + 2 * (m - 1) * (LAT + VEC / m / BW)))
+    # two rounds in a step (gradient tracking's x and y) cost two message times
+    two = ring_clock(m)
+    assert two.advance(0, [("gossip", 0, VEC), ("gossip", 0, VEC)]) == pytest.approx(
+        C + 2 * (LAT + VEC / BW))
+    # a step without communication (local SGD between its averagings) is compute only
+    assert ring_clock(m).advance(0, []) == pytest.approx(C)
+
+
+def test_a_delay_spreads_one_hop_a_step_in_gossip_and_blocks_an_all_reduce_at_once():
+    m, d = 16, 0.5
+    delays = torch.zeros(m, dtype=torch.float64)
+    delays[3] = d
+    clock, step = ring_clock(m), C + LAT + VEC / BW
+    for t in range(5):
+        clock.advance(t, [("gossip", t, VEC)], delays=delays if t == 0 else None)
+        hops = torch.tensor([min(abs(j - 3), m - abs(j - 3)) for j in range(m)])
+        expected = (t + 1) * step + d * (hops <= t + 1).double()  # neighbours wait at round 0
+        torch.testing.assert_close(clock.finish, expected)
+    ar = ring_clock(m)
+    ar.advance(0, [("allreduce", -1, VEC)], delays=delays)
+    assert torch.all(ar.finish == ar.finish[0])  # everyone waited for worker 3
+
+
+def test_delays_at_distant_workers_cost_their_maximum_in_gossip_their_sum_in_all_reduce():
+    m, d, n = 16, 0.5, 20
+    gossip, allreduce = ring_clock(m), ring_clock(m)
+    for t in range(n):
+        delays = torch.zeros(m, dtype=torch.float64)
+        if t in (0, 1):
+            delays[0 if t == 0 else 8] = d  # opposite sides of the ring, one step apart
+        g = gossip.advance(t, [("gossip", t, VEC)], delays=delays)
+        a = allreduce.advance(t, [("allreduce", -1, VEC)], delays=delays)
+    assert g == pytest.approx(n * (C + LAT + VEC / BW) + d)
+    assert a == pytest.approx(n * (C + 2 * (m - 1) * (LAT + VEC / m / BW)) + 2 * d)
+
+
+def test_a_straggler_that_misses_the_gossip_is_not_waited_for():
+    m, d = 16, 0.5
+    topo = faulty(make_topology("ring", m), stragglers=0.05, straggle_steps=1, seed=3)
+    late = next(t for t in range(100) if straggling(m, t, 0.05, 1, 3).sum() == 1)
+    who = int(torch.nonzero(straggling(m, late, 0.05, 1, 3))[0])
+    clock = NetworkClock(SimulatedClock(C, LAT, BW), topo, delay_s=d, stragglers=0.05,
+                         straggle_steps=1, seed=3)
+    clock.finish.zero_()
+    clock.advance(late, [("gossip", late, VEC)])
+    # its links are dropped this step: nobody waits, and it sends and receives nothing
+    expected = torch.full((m,), C + LAT + VEC / BW, dtype=torch.float64)
+    expected[who] = C + d
+    torch.testing.assert_close(clock.finish, expected)
+
+
+def test_eval_rows_log_the_simulated_time_of_the_run(tmp_path):
+    from cli_helpers import sets
+
+    from dsgd.experiments.cli import main
+
+    net = ("network.compute_ms=2", "network.latency_ms=1", "network.bandwidth_gbps=1",
+           "train.steps=10", "log.eval_every=10")
+    times = {}
+    for algo in ("dsgd", "csgd"):
+        out = tmp_path / algo
+        assert main(["train", *sets(f"train.algorithm={algo}", *net), "--out", str(out)]) == 0
+        row = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        times[algo] = row["sim_time_s"], row["bytes_per_worker_step"], row["bytes_per_worker"]
+    P4 = times["dsgd"][1] / 2  # the ring sends the float32 vector to two neighbours
+    m = 4
+    assert times["dsgd"][0] == pytest.approx(10 * (2e-3 + 1e-3 + P4 / BW))
+    assert times["csgd"][0] == pytest.approx(10 * (2e-3 + 2 * (m - 1) * (1e-3 + P4 / m / BW)))
+    assert times["csgd"][1] == 2 * (m - 1) / m * P4  # one ring all-reduce per step
+    assert times["dsgd"][2] == 10 * times["dsgd"][1]  # cumulative bytes since step 0

@@ -10,6 +10,13 @@ state, a tensor of shape ``(m_local, P)``:
 - ``mix_message(msg, compressor, step)``: ``mix`` of a compressed message (``dsgd.compress``):
   what a worker sends is the message, what it computes with is the decoded rows.
 
+Accounting, one convention for every call: ``bytes_sent`` counts the bytes the hosted workers
+put on the wire (in one process: what the workers would send as processes). A gossip sends one
+row (or message) per out-neighbour; a ring all-reduce sends ``2 (m - 1) / m`` of the vector per
+worker (reduce-scatter, then all-gather). ``rounds`` lists the step's communication rounds,
+``(kind, step, bytes of one message)`` with kind ``"gossip"`` or ``"allreduce"``, for the
+simulated clock (``dsgd.engine.network``); the caller clears it.
+
 ``LocalCommunicator`` hosts every worker in one process, so both are a matrix product. The
 distributed communicator (``dsgd.engine.distributed``) implements the same calls with
 torch.distributed, exchanging only with neighbours.
@@ -27,10 +34,17 @@ from dsgd.compress import Compressor, Message
 from dsgd.topology import Topology
 
 
+def allreduce_bytes(vector_bytes: int, world: int) -> int:
+    """What one of ``world`` participants sends in a ring all-reduce of a ``vector_bytes``
+    vector: 2 (world - 1) chunks of vector_bytes / world (0 when alone)."""
+    return 2 * (world - 1) * vector_bytes // world if world > 1 else 0
+
+
 class Communicator(Protocol):
     m: int  # all workers
     workers: range  # the global indices of the workers hosted here
     bytes_sent: int  # payload bytes sent so far (in one process: what processes would send)
+    rounds: list[tuple[str, int, int]]  # (kind, step, message bytes) since last cleared
 
     def mix(self, x: Tensor, step: int, row_bytes: int | None = None) -> Tensor:
         ...  # (m_local, P) -> (m_local, P); row_bytes: a row's size on the wire, if compressed
@@ -118,6 +132,7 @@ class LocalCommunicator:
         self.m = topology.m
         self.workers = range(self.m)
         self.bytes_sent = 0
+        self.rounds: list[tuple[str, int, int]] = []
         self.mode = mode
         self._cache: tuple[tuple, MixPlan] | None = None
         self.compiled = compile and not topology.time_varying
@@ -166,9 +181,12 @@ class LocalCommunicator:
         """``P(step) @ x``; ``row_bytes``: what one row costs on the wire when it stands for a
         compressed message (default: the dense row)."""
         plan = self.plan(step, x)
-        self.bytes_sent += plan.sends * (x.shape[1] * x.element_size() if row_bytes is None
-                                         else row_bytes)
+        self._count(plan, step, x.shape[1] * x.element_size() if row_bytes is None else row_bytes)
         return gossip(x, plan)
+
+    def _count(self, plan: MixPlan, step: int, row_bytes: int) -> None:
+        self.bytes_sent += plan.sends * row_bytes
+        self.rounds.append(("gossip", step, row_bytes))
 
     def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
         """``P(step) @ decompress(msg)``, counting the compressed message's bytes."""
@@ -176,7 +194,7 @@ class LocalCommunicator:
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
         plan = self.plan(step, x)
-        self.bytes_sent += plan.sends * x.shape[1] * x.element_size()
+        self._count(plan, step, x.shape[1] * x.element_size())
         if self._fused is None:
             return gossip_add(x, d, alpha, plan)
         # alpha as a tensor, so a new lr does not recompile; filled in place (no host-to-device
@@ -186,11 +204,14 @@ class LocalCommunicator:
         return self._fused(x, d, self._alpha.fill_(alpha), plan)
 
     def mean(self, x: Tensor) -> Tensor:
-        self.bytes_sent += x.numel() * x.element_size()  # each worker hands its row to all-reduce
+        row = x.shape[1] * x.element_size()
+        self.bytes_sent += 2 * (self.m - 1) * row  # m workers, 2 (m - 1) / m rows each
+        self.rounds.append(("allreduce", -1, row))
         return x.mean(0, keepdim=True).expand_as(x).clone()
 
     def agree_min(self, value: int) -> int:
         return value  # one process
 
 
-__all__ = ["Communicator", "LocalCommunicator", "MixPlan", "gossip", "gossip_add"]
+__all__ = ["Communicator", "LocalCommunicator", "MixPlan", "allreduce_bytes", "gossip",
+           "gossip_add"]

@@ -47,11 +47,11 @@ timed out leaves a background thread blocked until the process group's own timeo
 interpreter exit waits for that thread (``destroy_process_group`` and ``abort`` do not free it).
 Give ``init_from_env`` the same ``timeout_s`` as the communicator.
 
-Accounting: ``bytes_sent`` counts the payload this rank hands to the network: for ``mix`` the
-rows it sends (``rows * P * itemsize`` per neighbouring rank), for ``mean`` the nominal size of
-the all-reduced vector, ``P * itemsize`` (a ring all-reduce actually moves ``2 (W-1)/W`` of that
-per rank; the nominal size is what the backend was handed). For a ring with one worker per rank
-that is ``2 * P * itemsize`` per gossip step, for C-SGD ``P * itemsize`` per step.
+Accounting: ``bytes_sent`` counts the bytes this rank puts on the wire, the convention of
+``dsgd.engine.comm``: for ``mix`` the rows it sends (``rows * P * itemsize`` per neighbouring
+rank), for ``mean`` what a ring all-reduce over W ranks sends per rank, ``2 (W - 1) / W`` of the
+vector. With one worker per rank that is ``2 * P * itemsize`` per ring gossip step and
+``2 (m - 1) / m * P * itemsize`` per C-SGD step, as the simulated communicator counts.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dsgd.compress import Compressor, Message
+from dsgd.engine.comm import allreduce_bytes
 from dsgd.errors import TrainingDiverged, UserError
 from dsgd.topology import Topology
 
@@ -261,6 +262,7 @@ class TorchDistributedCommunicator:
         self.checkpoint_dir = checkpoint_dir
         self.advice = advice  # what a PeerFailure tells the user to do (default: --resume)
         self.bytes_sent = 0
+        self.rounds: list[tuple[str, int, int]] = []  # for the simulated clock
         self.step: int | None = None
         backend = dist.get_backend(group)
         self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
@@ -363,6 +365,7 @@ class TorchDistributedCommunicator:
         bufs = [rows for (rows,) in self._exchange([x], plan)]  # (n, P) each
         if plan.sends or plan.recvs:
             self.bytes_sent += plan.rows_sent * x.shape[1] * x.element_size()
+        self.rounds.append(("gossip", step, x.shape[1] * x.element_size()))
         return plan.weights @ torch.cat([x, *bufs]) if bufs else plan.weights @ x
 
     def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
@@ -383,6 +386,7 @@ class TorchDistributedCommunicator:
                                                          msg.meta)).to(own.dtype))
         if plan.sends or plan.recvs:
             self.bytes_sent += plan.rows_sent * compressor.bytes(msg)
+        self.rounds.append(("gossip", step, compressor.bytes(msg)))
         return plan.weights @ torch.cat([own, *decoded]) if decoded else plan.weights @ own
 
     def agree_min(self, value: int) -> int:
@@ -407,5 +411,7 @@ class TorchDistributedCommunicator:
         except RuntimeError as e:
             raise self._failure("all-reduce", None, started, e) from e
         self._wait([work], [None], "all-reduce", started)
-        self.bytes_sent += total.numel() * total.element_size()
+        row = total.numel() * total.element_size()
+        self.bytes_sent += allreduce_bytes(row, self.world_size)
+        self.rounds.append(("allreduce", -1, row))
         return (total / self.m).expand_as(x).clone()

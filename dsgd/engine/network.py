@@ -13,11 +13,16 @@ deterministically from ``(seed, step)``:
 - ``stragglers``: with probability q a worker falls behind and misses the gossip of the next
   ``straggle_steps`` steps: every link of it drops for those steps.
 
-The clock (``SimulatedClock``) turns a step into seconds: the slowest compute of the workers a
-worker waits for, plus the communication, from per-link latency and bandwidth. A gossip step
-waits for the neighbours only; C-SGD's ring all-reduce takes 2 (m - 1) sequential hops of P / m
-values and waits for every worker, so one straggler delays all of C-SGD but only its neighbours
-in gossip.
+The clock (``SimulatedClock``) turns a step into seconds, per worker: worker j's compute
+(``compute_s``, plus a delay while it straggles) starts when j finished its previous step; a
+gossip round then waits for the messages of j's in-neighbours (those with P[j, k] != 0 at that
+step: a dropped link, or a straggler that misses the round, is not waited for) and takes one
+message time, latency + bytes / bandwidth, the messages to several neighbours travelling in
+parallel over separate links. A ring all-reduce (C-SGD) waits for every worker and takes
+2 (m - 1) sequential hops of P / m values. So a delay blocks all of C-SGD at once, while in gossip
+it reaches only the neighbours at the next round and spreads one hop per step (overlapping
+delays at different workers then cost their maximum, not their sum). ``NetworkClock`` carries
+each worker's finishing time from step to step, fed by the communicator's ``rounds``.
 """
 
 from __future__ import annotations
@@ -86,21 +91,74 @@ class SimulatedClock:
     def transfer(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_bps
 
+    def gossip_round(self, ready: Tensor, P: Tensor, message_bytes: float) -> Tensor:
+        """(m,) when each worker has its round's messages: ``ready`` (m,) when each worker's
+        message is ready, then one message time after the last of its in-neighbours'."""
+        m = P.shape[0]
+        receives = (P != 0) & ~torch.eye(m, dtype=torch.bool, device=P.device)
+        waits = torch.where(receives, ready[None, :], torch.full_like(P, -torch.inf)).amax(1)
+        return torch.where(receives.any(1), torch.maximum(ready, waits)
+                           + self.transfer(message_bytes), ready)
+
+    def allreduce_round(self, ready: Tensor, vector_bytes: float) -> Tensor:
+        """(m,) every worker ends the ring all-reduce (reduce-scatter then all-gather) together:
+        after the last one is ready, 2 (m - 1) sequential hops of vector_bytes / m each."""
+        m = ready.shape[0]
+        end = ready.max() + (2 * (m - 1) * self.transfer(vector_bytes / m) if m > 1 else 0.0)
+        return end.expand(m).clone()
+
     def gossip_step(self, P: Tensor, message_bytes: float, delays: Tensor | None = None
                     ) -> Tensor:
-        """(m,) when each worker finishes a gossip step: its own compute and that of the
-        neighbours it receives from (delays: (m,) extra compute seconds, stragglers), then one
-        message per neighbour, sent in parallel over separate links."""
-        m = P.shape[0]
-        ready = self.compute_s + (delays if delays is not None else torch.zeros(m, dtype=P.dtype))
-        receives = (P != 0) & ~torch.eye(m, dtype=torch.bool)  # row j: the k j hears from
-        waits = torch.where(receives, ready[None, :], torch.zeros_like(P)).amax(1)
-        comm = self.transfer(message_bytes) if receives.any() else 0.0
-        return torch.maximum(ready, waits) + comm
+        """(m,) when each worker finishes a gossip step started together: its own compute
+        (delays: (m,) extra compute seconds, stragglers), then one round."""
+        return self.gossip_round(self._ready(P.shape[0], delays, P.dtype), P, message_bytes)
 
     def allreduce_step(self, m: int, vector_bytes: float, delays: Tensor | None = None) -> float:
-        """A ring all-reduce (reduce-scatter then all-gather): every worker's compute first, then
-        2 (m - 1) sequential hops of vector_bytes / m each."""
-        slowest = self.compute_s + (float(delays.max()) if delays is not None else 0.0)
-        hops = 2 * (m - 1)
-        return slowest + hops * self.transfer(vector_bytes / m) if m > 1 else slowest
+        """Seconds of a C-SGD step started together: every worker's compute, then the ring
+        all-reduce."""
+        return float(self.allreduce_round(self._ready(m, delays), vector_bytes)[0])
+
+    def _ready(self, m: int, delays: Tensor | None, dtype=torch.float64) -> Tensor:
+        base = torch.full((m,), self.compute_s, dtype=dtype)
+        return base + delays if delays is not None else base
+
+
+class NetworkClock:
+    """Simulated wall-clock time of a run: each worker's finishing time, step after step.
+
+    ``advance(step, rounds)`` starts every worker's compute at its own previous finishing time
+    (plus ``delay_s`` for the workers straggling at ``step``), then plays the step's
+    communication rounds (``comm.rounds``: ``("gossip", t, message bytes)`` on ``topology``'s
+    P(t), ``("allreduce", _, vector bytes)``) and returns the time the last worker finished."""
+
+    def __init__(self, clock: SimulatedClock, topology: Topology, *, delay_s: float = 0.0,
+                 stragglers: float = 0.0, straggle_steps: int = 1, seed: int = 0):
+        self.clock, self.topology = clock, topology
+        self.delay_s, self.stragglers = delay_s, stragglers
+        self.straggle_steps, self.seed = straggle_steps, seed
+        self.finish = torch.zeros(topology.m, dtype=torch.float64)
+
+    def advance(self, step: int, rounds: list[tuple[str, int, int]],
+                compute_s: float | None = None, delays: Tensor | None = None) -> float:
+        """``compute_s``: this step's compute per worker (default the clock's); ``delays``:
+        (m,) extra seconds per worker (default: ``delay_s`` for the stragglers drawn)."""
+        c = self.clock.compute_s if compute_s is None else compute_s
+        t = self.finish + c
+        if delays is None and self.delay_s and self.stragglers:
+            delays = self.delay_s * straggling(self.topology.m, step, self.stragglers,
+                                               self.straggle_steps, self.seed).to(t.dtype)
+        if delays is not None:
+            t = t + delays
+        for kind, at, nbytes in rounds:
+            if kind == "gossip":
+                t = self.clock.gossip_round(t, self.topology.matrix(at).to(t.dtype), nbytes)
+            else:
+                t = self.clock.allreduce_round(t, nbytes)
+        self.finish = t
+        return float(t.max())
+
+    def state_dict(self) -> dict:
+        return {"finish": self.finish.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.finish = torch.tensor(state["finish"], dtype=torch.float64)

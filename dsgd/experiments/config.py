@@ -1,9 +1,9 @@
 """Run configuration: frozen, typed dataclasses; presets are TOML files; overrides are
 ``section.key=value`` strings. The resolved config is saved with every run.
 
-A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[log]`` and the top-level
-keys ``name`` and ``device``. Every key is optional (defaults below); an unknown key or a value of
-the wrong type is a one-line ``ConfigError``.
+A config file has the sections ``[data]``, ``[model]``, ``[train]``, ``[log]``, ``[network]`` and
+the top-level keys ``name`` and ``device``. Every key is optional (defaults below); an unknown key
+or a value of the wrong type is a one-line ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -120,6 +120,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    # the simulated clock behind every eval row's sim_time_s (dsgd.engine.network)
+    latency_ms: float = 1.0  # per message
+    bandwidth_gbps: float = 1.0  # per link, Gbit/s
+    compute_ms: float = 0.0  # one worker's gradient time per step; 0: measured from the run
+    straggler_ms: float = 0.0  # extra compute of a worker while it straggles (train.faults)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"  # the run's name (the default run directory is runs/<name>)
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -127,6 +136,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 ALGORITHMS = ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd", "choco")
@@ -256,6 +266,13 @@ def validate(cfg: Config) -> Config:
          "train.compression applies to train.algorithm = \"choco\"")
     need(set(t.faults) <= set(FAULTS), f"train.faults takes {', '.join(FAULTS)}, got "
                                        f"{sorted(t.faults)}")
+    n = cfg.network
+    need(n.latency_ms >= 0 and n.compute_ms >= 0 and n.straggler_ms >= 0,
+         "network.latency_ms, network.compute_ms and network.straggler_ms must be >= 0")
+    need(n.bandwidth_gbps > 0, f"network.bandwidth_gbps must be > 0, got {n.bandwidth_gbps}")
+    need(not n.straggler_ms or t.faults.get("stragglers", 0) > 0,
+         "network.straggler_ms delays the workers that straggle: set train.faults.stragglers "
+         "(a probability per worker and step) too")
     need(t.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got "
                                           f"{t.precision!r}")
     need(log.eval_every >= 1 and log.checkpoint_every >= 1 and log.eval_batch_size >= 1,

@@ -33,7 +33,7 @@ from dsgd.algorithms import DRDSGD, QGM, Algorithm, Choco
 from dsgd.compress import make_compressor
 from dsgd.data import WorkerLoader, batches, crop_flip, load_dataset, split
 from dsgd.engine import Engine
-from dsgd.engine.network import faulty
+from dsgd.engine.network import NetworkClock, SimulatedClock, faulty
 from dsgd.errors import RunInterrupted, TrainingDiverged, UserError
 from dsgd.experiments import config as C
 from dsgd.experiments.instruments import measure
@@ -91,6 +91,16 @@ def _algorithm(t: C.TrainConfig) -> str | Algorithm:
         return Choco(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
                      seed=t.seed)
     return t.algorithm
+
+
+def network_clock(cfg: C.Config, topology: Topology) -> NetworkClock:
+    """The simulated clock of ``cfg.network`` (stragglers drawn as ``train.faults`` draws them)."""
+    n, f = cfg.network, cfg.train.faults
+    return NetworkClock(SimulatedClock(n.compute_ms / 1e3, n.latency_ms / 1e3,
+                                       n.bandwidth_gbps * 1e9 / 8), topology,
+                        delay_s=n.straggler_ms / 1e3, stragglers=f.get("stragglers", 0.0),
+                        straggle_steps=f.get("straggle_steps", 1),
+                        seed=f.get("seed", cfg.train.seed))
 
 
 def build(cfg: C.Config, comm=None) -> Setup:
@@ -210,6 +220,8 @@ def _train(cfg: C.Config, run: RunDir, resume: bool, comm) -> dict:
     engine, loader, ds, t, log = setup.engine, setup.loader, setup.dataset, cfg.train, cfg.log
     hosted = list(engine.comm.workers)
     acc = {"loss": 0.0, "acc": 0.0, "n": 0, "elapsed": 0.0}  # running train averages
+    clock = network_clock(cfg, engine.comm.topology if hasattr(engine.comm, "topology")
+                          else topology_of(cfg))
     rows: list[dict] = []
     saved_step = None  # the step of the newest checkpoint on disk
     if state is not None:
@@ -222,12 +234,15 @@ def _train(cfg: C.Config, run: RunDir, resume: bool, comm) -> dict:
                             f"({_one_line(e)[:160]}); resume with the config it was written "
                             "with") from None
         acc = dict(state["running"])
+        if "clock" in acc:
+            clock.load_state_dict(acc["clock"])
         saved_step = engine.step_count
     rows = run.truncate_metrics(engine.step_count)
 
     def checkpoint() -> None:
         nonlocal saved_step
         acc["elapsed"] = time.perf_counter() - started
+        acc["clock"] = clock.state_dict()
         run.save({"engine": engine.state_dict(), "loader": loader.state_dict(),
                   "torch_rng": torch.get_rng_state(), "running": acc})
         saved_step = engine.step_count
@@ -247,9 +262,15 @@ def _train(cfg: C.Config, run: RunDir, resume: bool, comm) -> dict:
         with _StopSignals() as stop:
             while engine.step_count < t.steps:
                 x, y = loader.next_batch()
-                sent = engine.comm.bytes_sent
+                sent, t0 = engine.comm.bytes_sent, time.perf_counter()
+                engine.comm.rounds.clear()
                 result = engine.step(x[hosted], y[hosted])
+                compute = (cfg.network.compute_ms / 1e3 if cfg.network.compute_ms
+                           else (time.perf_counter() - t0) / len(hosted))
+                acc["sim_time_s"] = clock.advance(engine.step_count - 1, engine.comm.rounds,
+                                                  compute)
                 acc["bytes"] = acc.get("bytes", 0) + engine.comm.bytes_sent - sent
+                acc["total_bytes"] = acc.get("total_bytes", 0) + engine.comm.bytes_sent - sent
                 acc["loss"] += result.loss.mean().item()
                 acc["acc"] += result.accuracy.mean().item()
                 acc["n"] += 1
@@ -325,8 +346,10 @@ def _eval_row(engine: Engine, ds, log: C.LogConfig, acc: dict, hosted: list[int]
            "train_loss": train_loss, "train_acc": train_acc,
            **evaluate(engine, ds.x_test, ds.y_test, log.eval_batch_size),
            "consensus": engine.consensus_distance(),
-           # gossip/all-reduce payload per worker per step (see Communicator)
-           "bytes_per_worker_step": acc.get("bytes", 0) / acc["n"] / len(hosted)}
+           # bytes a worker put on the wire per step (see dsgd.engine.comm), and since step 0
+           "bytes_per_worker_step": acc.get("bytes", 0) / acc["n"] / len(hosted),
+           "bytes_per_worker": acc.get("total_bytes", 0) / len(hosted),
+           "sim_time_s": acc.get("sim_time_s", 0.0)}
     if log.instruments:
         row.update(measure(engine, ds, log))
     return row
