@@ -23,7 +23,7 @@ from dsgd.report.runs import Group, is_accuracy
 # Drawn first, in this order; any other numeric key found in metrics.jsonl follows, sorted.
 CORE_METRICS = ("test_acc", "train_acc", "test_loss", "train_loss", "consensus", "lr")
 # Row bookkeeping, never a curve of its own.
-AXIS_KEYS = frozenset({"step", "epoch", "time", "iteration"})
+AXIS_KEYS = frozenset({"step", "epoch", "time", "iteration", "sim_time_s", "bytes_per_worker"})
 # Always on a log axis; other positive metrics go log when they span over two decades.
 LOG_METRICS = frozenset({"consensus"})
 
@@ -36,7 +36,11 @@ _TITLES = {
     "lr": "learning rate",
     "hessian_trace": "Hessian trace",
     "top_eigenvalue": "top Hessian eigenvalue",
+    "bytes_per_worker_step": "bytes a worker puts on the wire per step",
 }
+# x axes besides the step: the simulated clock and the bytes sent so far
+AXIS_TITLES = {"step": "step", "sim_time_s": "simulated time (s)",
+               "bytes_per_worker": "bytes a worker has put on the wire"}
 
 
 def metric_title(key: str) -> str:
@@ -135,7 +139,8 @@ def plot_metric(
             ax.fill_between(xs, lo, hi, where=band, color=color, alpha=0.2, lw=0)
     if log:
         ax.set_yscale("log")
-    ax.set(xlabel=x, ylabel=metric_title(key), title=metric_title(key))
+    title = metric_title(key) if x == "step" else f"{metric_title(key)} against {AXIS_TITLES[x]}"
+    ax.set(xlabel=AXIS_TITLES.get(x, x), ylabel=metric_title(key), title=title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return save(fig, path, dpi=120)
@@ -161,4 +166,19 @@ def plot_groups(
         path = plot_metric(groups, key, Path(out_dir) / f"{_file_stem(key)}.png", colors, x)
         if path is not None:
             out[key] = path
+    return out
+
+
+def plot_against_cost(groups: Sequence[Group], out_dir: str | Path, key: str = "test_acc"
+                      ) -> dict[str, Path]:
+    """``key`` against the simulated time and against the bytes sent, where runs logged them:
+    {x: path} of ``<key>_vs_<x>.png``."""
+    colors = group_colors(groups)
+    out: dict[str, Path] = {}
+    for x in ("sim_time_s", "bytes_per_worker"):
+        if not any(x in r.metric_keys for g in groups for r in g.runs):
+            continue
+        path = plot_metric(groups, key, Path(out_dir) / f"{key}_vs_{x}.png", colors, x)
+        if path is not None:
+            out[x] = path
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dsgd import __version__
-from dsgd.report.plots import metric_title, plot_groups
+from dsgd.report.plots import AXIS_TITLES, metric_title, plot_against_cost, plot_groups
 from dsgd.report.runs import Group, find_runs, group_runs
 from dsgd.report.tables import markdown_table, paper_column, summarize_group
 
@@ -96,6 +96,7 @@ def make_report(
     if reference:
         rows = paper_column(rows, reference)
     plots = plot_groups(groups, out_dir / PLOTS_DIR, metrics)
+    costs = plot_against_cost(groups, out_dir / PLOTS_DIR)
 
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     n_seeds = sorted({len(g.runs) for g in groups})
@@ -118,6 +119,16 @@ def make_report(
         )
         for key, path in plots.items():
             parts.append(f"### {metric_title(key)}\n\n![{key}]({_rel(path, out_dir)})")
+    if costs:
+        parts.append("## Accuracy against communication")
+        parts.append(
+            "Bytes are what one worker puts on the wire (a ring all-reduce sends 2(m-1)/m of the "
+            "vector per worker, a gossip step one message per neighbour); simulated time is the "
+            "clock of `[network]` (latency, bandwidth, compute time, stragglers)."
+        )
+        for x, path in costs.items():
+            parts.append(f"### {metric_title('test_acc')} against {AXIS_TITLES[x]}\n\n"
+                         f"![test_acc vs {x}]({_rel(path, out_dir)})")
     parts += ["## Runs", _runs_table(groups, out_dir)]
 
     (out_dir / "summary.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
