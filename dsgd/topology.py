@@ -313,6 +313,23 @@ def permuted(topology: Topology, seed: int = 0, mode: str = "symmetric") -> Topo
                     stochastic=topology.stochastic)
 
 
+def lazy(topology: Topology, self_weight: float) -> Topology:
+    """Lazy gossip: P' = a I + (1 - a) P. Still doubly (or column) stochastic, with eigenvalues
+    a + (1 - a) lambda, so a >= 1/2 lifts every eigenvalue of a symmetric P above -1/3 (what D²
+    needs; an even ring has exactly -1/3), at the cost of slower mixing."""
+    if not 0 <= self_weight < 1:
+        raise TopologyError(f"the lazy self-weight must be in [0, 1), got {self_weight}")
+    if self_weight == 0:
+        return topology
+
+    def schedule(step: int) -> MixingMatrix:
+        P = topology.matrix(step)
+        return self_weight * torch.eye(topology.m, dtype=P.dtype) + (1 - self_weight) * P
+
+    return Topology(f"{topology.name}+lazy{self_weight:g}", topology.m, schedule,
+                    time_varying=topology.time_varying, stochastic=topology.stochastic)
+
+
 STATIC = {
     "ring": ring, "grid": grid, "torus": torus, "exponential": exponential,
     "complete": complete, "star": star,

@@ -98,3 +98,18 @@ def test_unknown_topology_lists_choices():
 def test_static_rejects_bad_matrix():
     with pytest.raises(T.TopologyError, match="doubly stochastic"):
         T.Topology.static("mine", [[0.9, 0.1], [0.3, 0.7]])
+
+
+def test_lazy_gossip_shifts_the_spectrum_and_lets_d2_run_on_an_even_ring():
+    from dsgd.algorithms.d2 import check_d2_matrix
+
+    ring = T.make_topology("ring", 16)
+    with pytest.raises(UserError, match="train.lazy"):
+        check_d2_matrix(ring.matrix(0), ring.name)
+    half = T.lazy(ring, 0.5)
+    P = half.matrix(0)
+    torch.testing.assert_close(P, 0.5 * torch.eye(16, dtype=P.dtype) + 0.5 * ring.matrix(0))
+    lam = torch.linalg.eigvalsh(ring.matrix(0).double())
+    torch.testing.assert_close(torch.linalg.eigvalsh(P.double()), 0.5 + 0.5 * lam)
+    check_d2_matrix(P, half.name)  # lambda_min = 1/3 now
+    assert T.lazy(ring, 0.0) is ring

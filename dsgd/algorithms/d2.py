@@ -8,7 +8,7 @@ Data")::
 heterogeneity between workers, so D² converges to the exact optimum at a constant lr. The
 analysis needs a symmetric P whose smallest eigenvalue is above -1/3; the algorithm refuses
 other matrices (a ring of an even number of workers has eigenvalue -1/3: use an odd number,
-or a matrix with more self-weight).
+or lazy gossip, ``dsgd.topology.lazy``: more self-weight).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def check_d2_matrix(P: Tensor, name: str) -> None:
     low = float(torch.linalg.eigvalsh(P.double()).min())
     if low <= -1 / 3 + 1e-9:
         raise UserError(f"D2 needs the smallest eigenvalue of the mixing matrix above -1/3; "
-                        f"{name} has {low:.4f} (use a ring of an odd number of workers, a star or "
-                        "complete)")
+                        f"{name} has {low:.4f} (use a ring of an odd number of workers, lazy "
+                        "gossip (train.lazy = 0.5), a star or complete)")
 
 
 class D2(Stateless):

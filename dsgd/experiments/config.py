@@ -100,6 +100,8 @@ class TrainConfig:
     # qsgd (levels) | sign | lowp (dtype)
     compression: dict[str, Any] = field(default_factory=dict)
     consensus_step: float = 1.0  # choco: the consensus step size gamma, in (0, 1]
+    # lazy gossip: P' = lazy I + (1 - lazy) P; 0.5 lifts an even ring's -1/3 eigenvalue for d2
+    lazy: float = 0.0
     # dropped links and stragglers, e.g. {drop = 0.1, stragglers = 0.05, straggle_steps = 3}
     faults: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16 (forward/backward under autocast; weights float32)
@@ -266,6 +268,7 @@ def validate(cfg: Config) -> Config:
          "train.compression applies to train.algorithm = \"choco\"")
     need(set(t.faults) <= set(FAULTS), f"train.faults takes {', '.join(FAULTS)}, got "
                                        f"{sorted(t.faults)}")
+    need(0 <= t.lazy < 1, f"train.lazy must be in [0, 1), got {t.lazy}")
     n = cfg.network
     need(n.latency_ms >= 0 and n.compute_ms >= 0 and n.straggler_ms >= 0,
          "network.latency_ms, network.compute_ms and network.straggler_ms must be >= 0")

@@ -42,7 +42,7 @@ from dsgd.models import build_model
 from dsgd.optim import SGD
 from dsgd.optim.schedule import constant, cosine, warmup_multistep
 from dsgd.report.runs import is_finished, read_summary
-from dsgd.topology import Topology, make_topology
+from dsgd.topology import Topology, lazy, make_topology
 
 
 def _schedule(t: C.TrainConfig):
@@ -74,9 +74,10 @@ class Setup:
 
 
 def topology_of(cfg: C.Config) -> Topology:
-    """The config's mixing-matrix schedule: topology, shuffle and faults."""
+    """The config's mixing-matrix schedule: topology, shuffle, lazy self-weight and faults."""
     t = cfg.train
-    topo = make_topology(t.topology, t.workers, shuffle=t.shuffle_topology, seed=t.seed)
+    topo = lazy(make_topology(t.topology, t.workers, shuffle=t.shuffle_topology, seed=t.seed),
+                t.lazy)
     return faulty(topo, **{"seed": t.seed, **t.faults}) if t.faults else topo
 
 
