@@ -5,6 +5,7 @@
     dsgd topology ring -m 16 [--draw ring.png]
     dsgd report runs/a runs/b --out reports/ab
     dsgd quickstart --out runs/quickstart
+    dsgd compare algorithms --out runs/compare-algorithms
 
 User errors (a bad config, a missing data directory, a diverged run, ...) print one line and
 exit with status 2.
@@ -190,6 +191,18 @@ def _reproduce(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import torch
+
+    from dsgd.experiments.compare import compare, get_study
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compare(args.out or f"runs/compare-{args.study}", get_study(args.study, args.quick),
+            extra=args.set)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dsgd", description="Decentralized SGD for any nn.Module.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -254,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--threads", type=int, help="torch threads")
     rp.add_argument("--force", action="store_true", help="--scale gpu/paper without a GPU")
     rp.set_defaults(fn=_reproduce)
+
+    cp = sub.add_parser("compare", help="algorithms (or their settings) side by side over "
+                        "seeds, and a report")
+    cp.add_argument("study", choices=["algorithms", "compression"],
+                    help="algorithms: C-SGD, D-SGD, gt, d2, qgm, pushsum under iid and "
+                         "Dirichlet data; compression: D-SGD, CHOCO top-1%% and QSGD 4-bit, "
+                         "C-SGD on a simulated network, with and without stragglers")
+    cp.add_argument("--quick", action="store_true", help="seconds-long run of the same pipeline")
+    cp.add_argument("--out", help="default runs/compare-<study>")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key in every run")
+    cp.add_argument("--threads", type=int, help="torch threads")
+    cp.set_defaults(fn=_compare)
 
     from dsgd.experiments import config_doc  # `dsgd config` and the --help name lists
 

@@ -127,7 +127,12 @@ class NetworkConfig:
     latency_ms: float = 1.0  # per message
     bandwidth_gbps: float = 1.0  # per link, Gbit/s
     compute_ms: float = 0.0  # one worker's gradient time per step; 0: measured from the run
-    straggler_ms: float = 0.0  # extra compute of a worker while it straggles (train.faults)
+    # stragglers of the clock: a worker falls behind with this probability a step, for
+    # straggle_steps steps, computing straggler_ms longer (its neighbours wait for it; with
+    # the same values in train.faults, drawn from the same seed, it also misses the gossip)
+    stragglers: float = 0.0
+    straggle_steps: int = 1
+    straggler_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -273,9 +278,8 @@ def validate(cfg: Config) -> Config:
     need(n.latency_ms >= 0 and n.compute_ms >= 0 and n.straggler_ms >= 0,
          "network.latency_ms, network.compute_ms and network.straggler_ms must be >= 0")
     need(n.bandwidth_gbps > 0, f"network.bandwidth_gbps must be > 0, got {n.bandwidth_gbps}")
-    need(not n.straggler_ms or t.faults.get("stragglers", 0) > 0,
-         "network.straggler_ms delays the workers that straggle: set train.faults.stragglers "
-         "(a probability per worker and step) too")
+    need(0 <= n.stragglers <= 1 and n.straggle_steps >= 1,
+         "network.stragglers must be a probability and network.straggle_steps >= 1")
     need(t.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got "
                                           f"{t.precision!r}")
     need(log.eval_every >= 1 and log.checkpoint_every >= 1 and log.eval_batch_size >= 1,

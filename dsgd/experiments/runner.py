@@ -95,13 +95,14 @@ def _algorithm(t: C.TrainConfig) -> str | Algorithm:
 
 
 def network_clock(cfg: C.Config, topology: Topology) -> NetworkClock:
-    """The simulated clock of ``cfg.network`` (stragglers drawn as ``train.faults`` draws them)."""
-    n, f = cfg.network, cfg.train.faults
+    """The simulated clock of ``cfg.network``; its stragglers are drawn from the seed the faults
+    use, so equal values in ``train.faults`` make the same workers miss the gossip."""
+    n = cfg.network
     return NetworkClock(SimulatedClock(n.compute_ms / 1e3, n.latency_ms / 1e3,
                                        n.bandwidth_gbps * 1e9 / 8), topology,
-                        delay_s=n.straggler_ms / 1e3, stragglers=f.get("stragglers", 0.0),
-                        straggle_steps=f.get("straggle_steps", 1),
-                        seed=f.get("seed", cfg.train.seed))
+                        delay_s=n.straggler_ms / 1e3, stragglers=n.stragglers,
+                        straggle_steps=n.straggle_steps,
+                        seed=cfg.train.faults.get("seed", cfg.train.seed))
 
 
 def build(cfg: C.Config, comm=None) -> Setup:
