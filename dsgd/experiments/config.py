@@ -127,12 +127,11 @@ class NetworkConfig:
     latency_ms: float = 1.0  # per message
     bandwidth_gbps: float = 1.0  # per link, Gbit/s
     compute_ms: float = 0.0  # one worker's gradient time per step; 0: measured from the run
-    # stragglers of the clock: a worker falls behind with this probability a step, for
-    # straggle_steps steps, computing straggler_ms longer (its neighbours wait for it; with
-    # the same values in train.faults, drawn from the same seed, it also misses the gossip)
-    stragglers: float = 0.0
-    straggle_steps: int = 1
-    straggler_ms: float = 0.0
+    # stragglers of the clock (its neighbours wait for them; the same values in train.faults,
+    # drawn from the same seed, also make them miss the gossip):
+    stragglers: float = 0.0  # probability a step that a worker falls behind
+    straggle_steps: int = 1  # steps it stays behind
+    straggler_ms: float = 0.0  # extra compute per step while behind
 
 
 @dataclass(frozen=True)
