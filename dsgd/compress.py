@@ -128,33 +128,81 @@ class RandomK:
     def decompress(self, msg: Message) -> Tensor:
         return _scatter(msg)
 
+    def omega(self, size: int) -> float:
+        """E ||Q(x) - x||^2 = omega ||x||^2 (the rescaling by size / k makes it unbiased)."""
+        return size / _k(self.ratio, size) - 1
+
     def bytes(self, msg: Message) -> int:
         return msg.values.shape[1] * msg.values.element_size() + 8  # values + the indices' seed
 
 
 @dataclass(frozen=True)
 class QSGD:
+    """Stochastic quantization (Alistarh et al. 2017) to ``levels`` levels of each entry's
+    magnitude relative to the norm of its bucket of ``bucket`` entries (0: one bucket, the whole
+    vector), rounded up or down at random so that E[Q(x)] = x."""
+
     levels: int = 7  # 7 levels: 3 bits and a sign bit an entry
+    bucket: int = 512  # entries sharing one norm (as in the QSGD paper); 0: the whole vector
     name = "qsgd"
 
     def __post_init__(self):
         if self.levels < 1:
             raise ValueError(f"QSGD needs levels >= 1, got {self.levels}")
+        if self.bucket < 0:
+            raise ValueError(f"QSGD needs bucket >= 0, got {self.bucket}")
+
+    def _width(self, size: int) -> int:
+        return min(self.bucket, size) if self.bucket else size
 
     def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
-        norm = x.norm(dim=1, keepdim=True)  # (m, 1)
-        level = x.abs() / norm.clamp_min(torch.finfo(x.dtype).tiny) * self.levels
-        u = torch.rand(x.shape, generator=generator, device=generator.device
+        m, size = x.shape
+        b = self._width(size)
+        nb = -(-size // b)
+        padded = torch.nn.functional.pad(x, (0, nb * b - size)).view(m, nb, b)
+        norm = padded.norm(dim=2, keepdim=True)  # (m, nb, 1)
+        level = padded.abs() / norm.clamp_min(torch.finfo(x.dtype).tiny) * self.levels
+        u = torch.rand(padded.shape, generator=generator, device=generator.device
                        if generator is not None else x.device).to(x.device, x.dtype)
         q = torch.floor(level + u).clamp_(max=self.levels)  # E[q] = level: unbiased
-        return Message(torch.sign(x) * q, x.shape[1], scale=norm / self.levels)
+        values = (torch.sign(padded) * q).view(m, nb * b)[:, :size]
+        return Message(values, size, scale=(norm / self.levels).view(m, nb))
 
     def decompress(self, msg: Message) -> Tensor:
-        return msg.values * msg.scale
+        b = self._width(msg.size)
+        return msg.values * msg.scale.repeat_interleave(b, dim=1)[:, :msg.size]
+
+    def omega(self, size: int) -> float:
+        """E ||Q(x) - x||^2 <= omega ||x||^2 (Alistarh et al. 2017, Lemma 3.1, per bucket)."""
+        b = self._width(size)
+        return min(b / self.levels**2, math.sqrt(b) / self.levels)
 
     def bytes(self, msg: Message) -> int:
         bits = 1 + math.ceil(math.log2(self.levels + 1))
-        return math.ceil(msg.size * bits / 8) + 4  # packed sign and level, one float32 norm
+        # packed sign and level, one float32 norm a bucket
+        return math.ceil(msg.size * bits / 8) + 4 * msg.scale.shape[1]
+
+
+@dataclass(frozen=True)
+class Rescaled:
+    """An unbiased compressor with variance omega, decoded as Q(x) / (1 + omega): a contraction,
+    E ||Q(x) / (1 + omega) - x||^2 <= (1 - 1 / (1 + omega)) ||x||^2, as CHOCO-SGD needs
+    (Koloskova et al. 2019, the rescaled unbiased operators). The message is the inner one."""
+
+    inner: Any
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
+        return self.inner.compress(x, generator)
+
+    def decompress(self, msg: Message) -> Tensor:
+        return self.inner.decompress(msg) / (1 + self.inner.omega(msg.size))
+
+    def bytes(self, msg: Message) -> int:
+        return self.inner.bytes(msg)
 
 
 @dataclass(frozen=True)
@@ -203,4 +251,4 @@ def make_compressor(name: str, **options: Any):
 
 
 __all__ = ["COMPRESSORS", "QSGD", "Compressor", "Identity", "LowPrecision", "Message", "RandomK",
-           "Sign", "TopK", "make_compressor", "rows"]
+           "Rescaled", "Sign", "TopK", "make_compressor", "rows"]

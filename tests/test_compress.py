@@ -41,12 +41,15 @@ def _variance(comp, v):
     """Each entry's variance under the compressor, in closed form."""
     if isinstance(comp, RandomK):  # v P / k with probability k / P, else 0
         return v**2 * (1 / comp.ratio - 1)
-    level = v.abs() / v.norm() * comp.levels  # rounded up with probability frac(level)
+    b = comp.bucket or v.shape[1]  # each entry scaled by the norm of its bucket
+    norm = torch.cat([c.norm().expand(c.shape[1]) for c in v.split(b, dim=1)])[None]
+    level = v.abs() / norm * comp.levels  # rounded up with probability frac(level)
     frac = level - level.floor()
-    return (v.norm() / comp.levels) ** 2 * frac * (1 - frac)
+    return (norm / comp.levels) ** 2 * frac * (1 - frac)
 
 
-@pytest.mark.parametrize("comp", [RandomK(0.1), QSGD(3)], ids=["randomk", "qsgd"])
+@pytest.mark.parametrize("comp", [RandomK(0.1), QSGD(3, bucket=0), QSGD(3, bucket=64)],
+                         ids=["randomk", "qsgd", "qsgd-buckets"])
 def test_random_compressors_are_unbiased(comp):
     v = x()[:1]
     gen = torch.Generator().manual_seed(1)
@@ -68,8 +71,9 @@ def test_byte_counts_equal_their_closed_forms():
     assert Identity().bytes(Identity().compress(v)) == 4 * P
     assert TopK(0.01).bytes(TopK(0.01).compress(v)) == k * (4 + 4)
     assert RandomK(0.01).bytes(RandomK(0.01).compress(v)) == k * 4 + 8
-    assert QSGD(7).bytes(QSGD(7).compress(v)) == math.ceil(P * 4 / 8) + 4  # 4 bits an entry
-    assert QSGD(1).bytes(QSGD(1).compress(v)) == math.ceil(P * 2 / 8) + 4
+    # 4 bits an entry, a float32 norm per bucket of 512 entries (default) or of the vector
+    assert QSGD(7).bytes(QSGD(7).compress(v)) == math.ceil(P * 4 / 8) + 4 * math.ceil(P / 512)
+    assert QSGD(1, 0).bytes(QSGD(1, 0).compress(v)) == math.ceil(P * 2 / 8) + 4
     assert Sign().bytes(Sign().compress(v)) == math.ceil(P / 8) + 4
     assert LowPrecision("fp16").bytes(LowPrecision("fp16").compress(v)) == 2 * P
     assert isinstance(make_compressor("topk", ratio=0.5), TopK)
@@ -134,3 +138,21 @@ def test_choco_refuses_a_time_varying_topology():
     with pytest.raises(ValueError, match="bad options"):
         Engine(_mlp(), make_topology("ring", 6), algorithm="choco", gamma=0.5)
     assert Choco("topk").compression == TopK()
+
+
+@pytest.mark.parametrize("comp", [RandomK(0.1), QSGD(3, bucket=0), QSGD(3, bucket=64)],
+                         ids=["randomk", "qsgd", "qsgd-buckets"])
+def test_rescaled_unbiased_compressors_are_contractions(comp):
+    from dsgd.compress import Rescaled
+
+    v = x()[:1]
+    gen = torch.Generator().manual_seed(2)
+    draws = 2000
+    err = {name: sum(float((c.decompress(c.compress(v, gen)) - v).pow(2).sum())
+                     for _ in range(draws)) / draws
+           for name, c in (("plain", comp), ("rescaled", Rescaled(comp)))}
+    omega, norm2 = comp.omega(v.shape[1]), float(v.pow(2).sum())
+    assert err["plain"] <= omega * norm2 * 1.05  # the variance bound (5 % Monte Carlo slack)
+    assert err["rescaled"] <= (1 - 1 / (1 + omega)) * norm2 * 1.05  # a contraction
+    assert err["rescaled"] < norm2  # which the plain one need not be
+    assert Choco(compression=comp).compression == Rescaled(comp)

@@ -8,11 +8,13 @@ compressed update of its own::
     x_hat_j  += q_j                            # on every worker holding a copy of j
     x_j      <- x_j' + gamma sum_k P[j, k] (x_hat_k - x_hat_j)
 
-gamma is the consensus step size. The copies are updated by the messages alone, so the error
-of a biased compressor (top-k) is not lost but fed back in the next message. Each worker keeps
-``s = P x_hat`` up to date from the mixed messages (``P`` is fixed), so a step mixes only the
-compressed messages. With the identity compressor and gamma = 1 this is D-SGD in the
-step-then-gossip order, x(t+1) = P (x(t) - eta d(t)).
+gamma is the consensus step size. CHOCO needs Q to be a contraction; an unbiased compressor
+with variance omega (random-k, QSGD) is one once rescaled by 1 / (1 + omega)
+(``dsgd.compress.Rescaled``), which ``Choco`` applies to them itself. The copies are updated by
+the messages alone, so the error of a biased compressor (top-k) is not lost but fed back in the
+next message. Each worker keeps ``s = P x_hat`` up to date from the mixed messages (``P`` is
+fixed), so a step mixes only the compressed messages. With the identity compressor and gamma = 1
+this is D-SGD in the step-then-gossip order, x(t+1) = P (x(t) - eta d(t)).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from dsgd.algorithms.base import State, Stateless
-from dsgd.compress import Identity, make_compressor
+from dsgd.compress import Identity, Rescaled, make_compressor
 from dsgd.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ class Choco(Stateless):
     def __post_init__(self):
         if isinstance(self.compression, str):
             object.__setattr__(self, "compression", make_compressor(self.compression))
+        if hasattr(self.compression, "omega"):  # unbiased: rescale into a contraction
+            object.__setattr__(self, "compression", Rescaled(self.compression))
         if not 0 < self.consensus_step <= 1:
             raise ValueError(f"consensus_step (gamma) must be in (0, 1], got "
                              f"{self.consensus_step}")

@@ -76,7 +76,7 @@ COMPRESSION = Study(
           ("CHOCO top-1%", ("train.algorithm=choco", 'train.compression={name="topk", '
                             'ratio=0.01}', "train.consensus_step=0.05")),
           ("CHOCO QSGD 4-bit", ("train.algorithm=choco", 'train.compression={name="qsgd", '
-                                'levels=7}', "train.consensus_step=0.1"))),
+                                'levels=7}', "train.consensus_step=0.3"))),
     settings=(("no stragglers", ()),
               ("stragglers", ("network.stragglers=0.02", "network.straggle_steps=3",
                               "network.straggler_ms=20"))),
@@ -89,8 +89,8 @@ COMPRESSION = Study(
            "(about one worker behind at any time), computing 20 ms longer; in gossip only its "
            "neighbours wait for it (and theirs one step later), C-SGD's all-reduce waits at once. "
            "The stragglers change the clock only, not the training.",
-           "CHOCO's consensus step: 0.05 for top-1%, 0.1 for QSGD 4-bit (3 bits and a sign an "
-           "entry, one float32 norm)."),
+           "CHOCO's consensus step: 0.05 for top-1%, 0.3 for QSGD 4-bit (3 bits and a sign an "
+           "entry, one float32 norm a bucket of 512, decoded rescaled by 1 / (1 + omega))."),
 )
 
 STUDIES = {s.name: s for s in (ALGORITHMS, COMPRESSION)}

@@ -97,7 +97,7 @@ class TrainConfig:
     qgm_beta: float = 0.9  # qgm: the quasi-global momentum factor (Lin et al. 2021)
     drdsgd_lambda: float = 10.0  # drdsgd: the robustness lambda (the paper's analysis: > 1)
     # choco: the compressor, e.g. {name = "topk", ratio = 0.01}; names none | topk | randomk |
-    # qsgd (levels) | sign | lowp (dtype)
+    # qsgd (levels, bucket) | sign | lowp (dtype)
     compression: dict[str, Any] = field(default_factory=dict)
     consensus_step: float = 1.0  # choco: the consensus step size gamma, in (0, 1]
     # lazy gossip: P' = lazy I + (1 - lazy) P; 0.5 lifts an even ring's -1/3 eigenvalue for d2
@@ -146,7 +146,7 @@ class Config:
 
 
 ALGORITHMS = ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd", "choco")
-COMPRESSORS = {"none": (), "topk": ("ratio",), "randomk": ("ratio",), "qsgd": ("levels",),
+COMPRESSORS = {"none": (), "topk": ("ratio",), "randomk": ("ratio",), "qsgd": ("levels", "bucket"),
                "sign": (), "lowp": ("dtype",)}
 FAULTS = ("drop", "stragglers", "straggle_steps", "seed")
 SCHEDULES = ("multistep", "cosine", "constant")
