@@ -70,8 +70,8 @@ def plot_accuracy(results, table, path: Path) -> Path:
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
     ax.set_xticks(xs, settings)
-    ax.set(xlabel=results["axis"], ylabel="final test accuracy (%)",
-           title=f"{results['title']} (mean ± std over seeds)")
+    ax.set(xlabel=results["axis"], ylabel="final test accuracy (%), mean ± std over seeds")
+    ax.set_title(results["title"], fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     return save(fig, path)

@@ -93,6 +93,15 @@ def group_curve(group: Group, key: str, x: str = "step"):
     return grid, mean, std, n
 
 
+def _against(group: Group, key: str, x: str):
+    """``key`` against the seeds' mean of the logged quantity ``x`` at each evaluation step
+    (seeds whose clocks differ are averaged step by step, not on a merged x grid)."""
+    steps, mean, std, n = group_curve(group, key)
+    xs_steps, xs, _, _ = group_curve(group, x)
+    at = dict(zip(xs_steps.tolist(), xs.tolist()))
+    return group, np.array([at.get(s, np.nan) for s in steps.tolist()]), mean, std, n
+
+
 def _use_log(key: str, curves: list[np.ndarray]) -> bool:
     values = np.concatenate([c[np.isfinite(c)] for c in curves]) if curves else np.zeros(0)
     if key in LOG_METRICS:
@@ -114,7 +123,10 @@ def plot_metric(
     Returns the path, or None (and writes nothing) when no run has a finite value of ``key``.
     """
     colors = dict(colors or group_colors(groups))
-    curves = [(g, *group_curve(g, key, x)) for g in groups]
+    if x == "step" or x not in AXIS_TITLES:
+        curves = [(g, *group_curve(g, key, x)) for g in groups]
+    else:  # a logged cost (simulated time, bytes): its mean over seeds at each step
+        curves = [_against(g, key, x) for g in groups]
     curves = [c for c in curves if np.isfinite(c[2]).any()]
     if not curves:
         return None
