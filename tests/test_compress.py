@@ -10,6 +10,7 @@ from torch import nn
 from dsgd.algorithms import Choco
 from dsgd.compress import QSGD, Identity, LowPrecision, RandomK, Sign, TopK, make_compressor
 from dsgd.engine import Engine
+from dsgd.engine.network import faulty
 from dsgd.errors import UserError
 from dsgd.topology import make_topology
 
@@ -92,11 +93,13 @@ def _batches(steps, m=6):
              torch.randint(0, 3, (m, 8), generator=g)) for _ in range(steps)]
 
 
+@pytest.mark.parametrize("algorithm", ["choco", "deepsqueeze"])
 @pytest.mark.parametrize("compression", ["none", TopK(1.0)], ids=["identity", "topk100"])
-def test_choco_with_exact_messages_and_gamma_one_is_step_then_gossip_dsgd(compression):
+def test_choco_with_exact_messages_and_gamma_one_is_step_then_gossip_dsgd(compression,
+                                                                         algorithm):
     topo = make_topology("ring", 6)
     P = topo.matrix(0)
-    choco = Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=compression,
+    choco = Engine(_mlp(), topo, lr=0.1, algorithm=algorithm, compression=compression,
                    consensus_step=1.0)
     plain = Engine(_mlp(), topo, lr=0.1, strategy="loop")  # gradients only, then by hand
     w = choco.w.clone()
@@ -156,3 +159,39 @@ def test_rescaled_unbiased_compressors_are_contractions(comp):
     assert err["rescaled"] <= (1 - 1 / (1 + omega)) * norm2 * 1.05  # a contraction
     assert err["rescaled"] < norm2  # which the plain one need not be
     assert Choco(compression=comp).compression == Rescaled(comp)
+
+
+@pytest.mark.parametrize("topo", [make_topology("ring", 6),
+                                  faulty(make_topology("ring", 6), drop=0.3, seed=1)],
+                         ids=["ring", "ring-with-drops"])
+def test_deepsqueeze_moves_the_mean_as_dsgd_and_its_residual_is_what_the_message_left(topo):
+    e = Engine(_mlp(), topo, lr=0.1, algorithm="deepsqueeze", compression=TopK(0.2),
+               consensus_step=0.5)
+    plain = Engine(_mlp(), topo, lr=0.1, strategy="loop")
+    for xb, yb in _batches(6):
+        w, error = e.w.clone(), e.algo_state["error"].clone()
+        g, _, _ = plain.backend.gradients(w, {}, xb, yb)
+        e.step(xb, yb)
+        x = w - 0.1 * g
+        # (P - I) c has mean zero for a doubly stochastic P: the mean is D-SGD's, exactly
+        torch.testing.assert_close(e.w.mean(0), x.mean(0), atol=1e-12, rtol=0)
+        v = x + error
+        kept = TopK(0.2).decompress(TopK(0.2).compress(v))
+        torch.testing.assert_close(e.algo_state["error"], v - kept, atol=1e-12, rtol=0)
+    assert e.algo_state["error"].abs().sum() > 0
+
+
+
+def test_deepsqueeze_trains_from_a_config(tmp_path):
+    import json
+
+    from cli_helpers import sets
+
+    from dsgd.experiments.cli import main
+
+    out = tmp_path / "ds"
+    assert main(["train", *sets("train.algorithm=deepsqueeze", "train.consensus_step=0.5",
+                                'train.compression={name="topk", ratio=0.1}'),
+                 "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["test_acc"] > 0.3  # 10 separable clusters, chance is 0.1

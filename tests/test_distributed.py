@@ -61,6 +61,8 @@ CONFIGS = [
     {"name": "drdsgd_exponential_m4", "topology": "exponential", "m": 4, "algorithm": "drdsgd"},
     {"name": "choco_topk_ring_m4", "topology": "ring", "m": 4, "algorithm": "choco",
      "compression": {"name": "topk", "ratio": 0.2}, "gamma": 0.5},
+    {"name": "deepsqueeze_topk_ring_m4", "topology": "ring", "m": 4,
+     "algorithm": "deepsqueeze", "compression": {"name": "topk", "ratio": 0.2}, "gamma": 0.5},
 ]
 for _cfg in CONFIGS:
     _cfg["steps"] = STEPS

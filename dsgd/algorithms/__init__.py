@@ -12,6 +12,7 @@ from dsgd.algorithms.base import Algorithm, State, Stateless
 from dsgd.algorithms.choco import Choco
 from dsgd.algorithms.csgd import CSGD
 from dsgd.algorithms.d2 import D2
+from dsgd.algorithms.deepsqueeze import DeepSqueeze
 from dsgd.algorithms.drdsgd import DRDSGD
 from dsgd.algorithms.dsgd import DSGD
 from dsgd.algorithms.gt import GradientTracking
@@ -21,7 +22,7 @@ from dsgd.algorithms.qgm import QGM
 
 ALGORITHMS: dict[str, type] = {"dsgd": DSGD, "csgd": CSGD, "local": LocalSGD,
                                "gt": GradientTracking, "d2": D2, "qgm": QGM, "pushsum": PushSum,
-                               "drdsgd": DRDSGD, "choco": Choco}
+                               "drdsgd": DRDSGD, "choco": Choco, "deepsqueeze": DeepSqueeze}
 
 
 def make_algorithm(name: str, **options: Any) -> Algorithm:
@@ -34,5 +35,5 @@ def make_algorithm(name: str, **options: Any) -> Algorithm:
         raise ValueError(f"algorithm {name!r}: bad options {sorted(options)} ({e})") from None
 
 
-__all__ = ["ALGORITHMS", "CSGD", "D2", "DRDSGD", "DSGD", "QGM", "Algorithm", "Choco",
+__all__ = ["ALGORITHMS", "CSGD", "D2", "DRDSGD", "DSGD", "QGM", "Algorithm", "Choco", "DeepSqueeze",
            "GradientTracking", "LocalSGD", "PushSum", "State", "Stateless", "make_algorithm"]

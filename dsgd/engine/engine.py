@@ -77,7 +77,8 @@ class Engine:
     precision: "fp32", or "bf16" for the forward and backward under autocast (weights, gossip
         and optimizer state stay float32).
     algorithm_options: the named algorithm's options, e.g. ``beta`` for "qgm", ``lam`` for
-        "drdsgd", ``compression`` and ``consensus_step`` for "choco".
+        "drdsgd", ``compression`` and ``consensus_step`` for "choco" and
+        "deepsqueeze".
     """
 
     def __init__(

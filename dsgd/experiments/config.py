@@ -68,7 +68,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # dsgd | csgd | local | gt | d2 | qgm | pushsum | drdsgd | choco (docs/algorithms.md)
+    # dsgd | csgd | local | gt | d2 | qgm | pushsum | drdsgd | choco | deepsqueeze
+    # (docs/algorithms.md)
     algorithm: str = "dsgd"
     topology: str = "ring"  # the mixing graph: ring | grid | torus | exponential | ...
     # relabel the workers every step: false | true or "symmetric" (P' = Pi^T P Pi, one fresh
@@ -96,10 +97,10 @@ class TrainConfig:
     samples: int = 2  # avg_sam: Monte-Carlo samples per step
     qgm_beta: float = 0.9  # qgm: the quasi-global momentum factor (Lin et al. 2021)
     drdsgd_lambda: float = 10.0  # drdsgd: the robustness lambda (the paper's analysis: > 1)
-    # choco: the compressor, e.g. {name = "topk", ratio = 0.01}; names none | topk | randomk |
-    # qsgd (levels, bucket) | sign | lowp (dtype)
+    # choco, deepsqueeze: the compressor, e.g. {name = "topk", ratio = 0.01}; names none |
+    # topk | randomk | qsgd (levels, bucket) | sign | lowp (dtype)
     compression: dict[str, Any] = field(default_factory=dict)
-    consensus_step: float = 1.0  # choco: the consensus step size gamma, in (0, 1]
+    consensus_step: float = 1.0  # choco, deepsqueeze: the consensus step size gamma, in (0, 1]
     # lazy gossip: P' = lazy I + (1 - lazy) P; 0.5 lifts an even ring's -1/3 eigenvalue for d2
     lazy: float = 0.0
     # dropped links and stragglers, e.g. {drop = 0.1, stragglers = 0.05, straggle_steps = 3}
@@ -145,7 +146,8 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
-ALGORITHMS = ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd", "choco")
+ALGORITHMS = ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd", "choco",
+              "deepsqueeze")
 COMPRESSORS = {"none": (), "topk": ("ratio",), "randomk": ("ratio",), "qsgd": ("levels", "bucket"),
                "sign": (), "lowp": ("dtype",)}
 FAULTS = ("drop", "stragglers", "straggle_steps", "seed")
@@ -268,8 +270,9 @@ def validate(cfg: Config) -> Config:
     extra = sorted(set(t.compression) - {"name", *COMPRESSORS.get(comp, ())})
     need(not extra, f"train.compression: {comp} takes {list(COMPRESSORS.get(comp, ()))}, "
                     f"not {extra}")
-    need(not t.compression or t.algorithm == "choco",
-         "train.compression applies to train.algorithm = \"choco\"")
+    need(not t.compression or t.algorithm in ("choco", "deepsqueeze"),
+         "train.compression applies to train.algorithm = \"choco\" or \"deepsqueeze\" (error "
+         "feedback)")
     need(set(t.faults) <= set(FAULTS), f"train.faults takes {', '.join(FAULTS)}, got "
                                        f"{sorted(t.faults)}")
     need(0 <= t.lazy < 1, f"train.lazy must be in [0, 1), got {t.lazy}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsgd.algorithms import DRDSGD, QGM, Algorithm, Choco
+from dsgd.algorithms import DRDSGD, QGM, Algorithm, Choco, DeepSqueeze
 from dsgd.compress import make_compressor
 from dsgd.data import WorkerLoader, batches, crop_flip, load_dataset, split
 from dsgd.engine import Engine
@@ -87,10 +87,11 @@ def _algorithm(t: C.TrainConfig) -> str | Algorithm:
         return QGM(beta=t.qgm_beta)
     if t.algorithm == "drdsgd":
         return DRDSGD(lam=t.drdsgd_lambda)
-    if t.algorithm == "choco":
+    if t.algorithm in ("choco", "deepsqueeze"):
         opts = dict(t.compression)
-        return Choco(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
-                     seed=t.seed)
+        kind = Choco if t.algorithm == "choco" else DeepSqueeze
+        return kind(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
+                    seed=t.seed)
     return t.algorithm
 
 
