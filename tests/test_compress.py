@@ -38,6 +38,10 @@ def test_top_k_keeps_the_largest_entries():
             >= v.abs().masked_fill(kept, 0).max(1).values).all()
 
 
+UNBIASED = [RandomK(0.1), QSGD(3, bucket=0), QSGD(3, bucket=64)]
+UNBIASED_IDS = ["randomk", "qsgd", "qsgd-buckets"]
+
+
 def _variance(comp, v):
     """Each entry's variance under the compressor, in closed form."""
     if isinstance(comp, RandomK):  # v P / k with probability k / P, else 0
@@ -49,8 +53,7 @@ def _variance(comp, v):
     return (norm / comp.levels) ** 2 * frac * (1 - frac)
 
 
-@pytest.mark.parametrize("comp", [RandomK(0.1), QSGD(3, bucket=0), QSGD(3, bucket=64)],
-                         ids=["randomk", "qsgd", "qsgd-buckets"])
+@pytest.mark.parametrize("comp", UNBIASED, ids=UNBIASED_IDS)
 def test_random_compressors_are_unbiased(comp):
     v = x()[:1]
     gen = torch.Generator().manual_seed(1)
@@ -143,8 +146,7 @@ def test_choco_refuses_a_time_varying_topology():
     assert Choco("topk").compression == TopK()
 
 
-@pytest.mark.parametrize("comp", [RandomK(0.1), QSGD(3, bucket=0), QSGD(3, bucket=64)],
-                         ids=["randomk", "qsgd", "qsgd-buckets"])
+@pytest.mark.parametrize("comp", UNBIASED, ids=UNBIASED_IDS)
 def test_rescaled_unbiased_compressors_are_contractions(comp):
     from dsgd.compress import Rescaled
 

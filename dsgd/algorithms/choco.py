@@ -34,11 +34,14 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Choco(Stateless):
+class CompressedGossip(Stateless):
+    """What the compressed-gossip algorithms (CHOCO, DeepSqueeze) share: a compressor (by name
+    or object; an unbiased one rescaled into a contraction), the consensus step gamma and the
+    seed of the random compressors' draws."""
+
     compression: Any = field(default_factory=Identity)  # a compressor or its name
     consensus_step: float = 1.0  # gamma
     seed: int = 0  # of the random compressors' draws (checkpointed with the state)
-    name = "choco"
 
     def __post_init__(self):
         if isinstance(self.compression, str):
@@ -48,6 +51,11 @@ class Choco(Stateless):
         if not 0 < self.consensus_step <= 1:
             raise ValueError(f"consensus_step (gamma) must be in (0, 1], got "
                              f"{self.consensus_step}")
+
+
+@dataclass(frozen=True)
+class Choco(CompressedGossip):
+    name = "choco"
 
     def init(self, w: Tensor, comm: Communicator) -> State:
         if comm.topology.time_varying:

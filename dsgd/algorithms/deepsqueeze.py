@@ -19,34 +19,22 @@ contractions as for CHOCO (``dsgd.compress.Rescaled``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from dsgd.algorithms.base import State, Stateless
-from dsgd.compress import Identity, Rescaled, make_compressor
+from dsgd.algorithms.base import State
+from dsgd.algorithms.choco import CompressedGossip
 
 if TYPE_CHECKING:
     from dsgd.engine.comm import Communicator
 
 
 @dataclass(frozen=True)
-class DeepSqueeze(Stateless):
-    compression: Any = field(default_factory=Identity)  # a compressor or its name
-    consensus_step: float = 1.0  # gamma
-    seed: int = 0  # of the random compressors' draws (checkpointed with the state)
+class DeepSqueeze(CompressedGossip):
     name = "deepsqueeze"
-
-    def __post_init__(self):
-        if isinstance(self.compression, str):
-            object.__setattr__(self, "compression", make_compressor(self.compression))
-        if hasattr(self.compression, "omega"):  # unbiased: rescale into a contraction
-            object.__setattr__(self, "compression", Rescaled(self.compression))
-        if not 0 < self.consensus_step <= 1:
-            raise ValueError(f"consensus_step (gamma) must be in (0, 1], got "
-                             f"{self.consensus_step}")
 
     def init(self, w: Tensor, comm: Communicator) -> State:
         gen = torch.Generator().manual_seed(self.seed)
