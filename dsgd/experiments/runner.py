@@ -223,8 +223,7 @@ def _train(cfg: C.Config, run: RunDir, resume: bool, comm) -> dict:
     engine, loader, ds, t, log = setup.engine, setup.loader, setup.dataset, cfg.train, cfg.log
     hosted = list(engine.comm.workers)
     acc = {"loss": 0.0, "acc": 0.0, "n": 0, "elapsed": 0.0}  # running train averages
-    clock = network_clock(cfg, engine.comm.topology if hasattr(engine.comm, "topology")
-                          else topology_of(cfg))
+    clock = network_clock(cfg, engine.comm.topology)  # the schedule the engine gossips on
     rows: list[dict] = []
     saved_step = None  # the step of the newest checkpoint on disk
     if state is not None:
