@@ -15,6 +15,12 @@ as int32, quantized levels bit-packed).
 - ``LowPrecision(dtype)``: bf16 or fp16 values.
 
 ``make_compressor("topk", ratio=0.01)`` builds one by name.
+
+Random compressors (``random = True``: random-k, QSGD, and ``Rescaled`` around them) draw each
+worker's numbers from that worker's own generator, seeded from (seed, global worker index):
+``generator_states(seed, workers)`` makes their states, ``compress_rows(compressor, x, states)``
+compresses row j with generator j. So a worker draws the same numbers whichever process hosts
+it: all m workers in one process, or a block of them per torchrun rank.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Message:
 
 class Compressor(Protocol):
     name: str
+    random: bool  # draws random numbers (then compressed row by row, see compress_rows)
 
     def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
         ...
@@ -58,6 +65,42 @@ def rows(msg: Message, index: Tensor) -> Message:
         return None if t is None else t[index]
 
     return Message(msg.values[index], msg.size, pick(msg.indices), pick(msg.scale), msg.meta)
+
+
+def join(messages: list[Message]) -> Message:
+    """One message of the rows of ``messages`` (each of the same compressor and size)."""
+    def cat(parts: list[Tensor | None]) -> Tensor | None:
+        return None if parts[0] is None else torch.cat(parts)
+
+    first = messages[0]
+    return Message(torch.cat([msg.values for msg in messages]), first.size,
+                   cat([msg.indices for msg in messages]), cat([msg.scale for msg in messages]),
+                   first.meta)
+
+
+def worker_seed(seed: int, worker: int) -> int:
+    """The seed of global worker ``worker``'s generator (in the range manual_seed accepts)."""
+    return (seed * 1_000_003 + worker) % 2**64
+
+
+def generator_states(seed: int, workers: range) -> Tensor:
+    """(len(workers), L) uint8: the initial state of each worker's CPU generator."""
+    return torch.stack([torch.Generator().manual_seed(worker_seed(seed, j)).get_state()
+                        for j in workers])
+
+
+def compress_rows(compressor: Compressor, x: Tensor, states: Tensor) -> tuple[Message, Tensor]:
+    """``compressor.compress(x)`` for x: (m_local, P), row j drawing from the generator whose
+    state is ``states[j]`` (``generator_states``); returns the message and the new states. A
+    deterministic compressor compresses all rows in one call and leaves the states alone."""
+    if not getattr(compressor, "random", True):  # one that does not say: row by row, to be safe
+        return compressor.compress(x), states
+    gen, messages, after = torch.Generator(), [], []
+    for row, state in zip(x.split(1), states.cpu()):  # generators live on the CPU
+        gen.set_state(state.clone())  # set_state crashes on a view into a larger storage
+        messages.append(compressor.compress(row, generator=gen))
+        after.append(gen.get_state())
+    return join(messages), torch.stack(after)
 
 
 def _scatter(msg: Message) -> Tensor:
@@ -79,6 +122,7 @@ def _check_ratio(ratio: float) -> None:
 @dataclass(frozen=True)
 class Identity:
     name = "none"
+    random = False
 
     def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
         return Message(x, x.shape[1])
@@ -94,6 +138,7 @@ class Identity:
 class TopK:
     ratio: float = 0.01
     name = "topk"
+    random = False
 
     def __post_init__(self):
         _check_ratio(self.ratio)
@@ -113,6 +158,7 @@ class TopK:
 class RandomK:
     ratio: float = 0.01
     name = "randomk"
+    random = True
 
     def __post_init__(self):
         _check_ratio(self.ratio)
@@ -145,6 +191,7 @@ class QSGD:
     levels: int = 7  # 7 levels: 3 bits and a sign bit an entry
     bucket: int = 512  # entries sharing one norm (as in the QSGD paper); 0: the whole vector
     name = "qsgd"
+    random = True
 
     def __post_init__(self):
         if self.levels < 1:
@@ -195,6 +242,10 @@ class Rescaled:
     def name(self) -> str:
         return self.inner.name
 
+    @property
+    def random(self) -> bool:
+        return self.inner.random
+
     def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
         return self.inner.compress(x, generator)
 
@@ -208,6 +259,7 @@ class Rescaled:
 @dataclass(frozen=True)
 class Sign:
     name = "sign"
+    random = False
 
     def compress(self, x: Tensor, generator: torch.Generator | None = None) -> Message:
         return Message(torch.sign(x), x.shape[1], scale=x.abs().mean(1, keepdim=True))
@@ -223,6 +275,7 @@ class Sign:
 class LowPrecision:
     dtype: str = "bf16"
     name = "lowp"
+    random = False
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp16"):
@@ -251,4 +304,5 @@ def make_compressor(name: str, **options: Any):
 
 
 __all__ = ["COMPRESSORS", "QSGD", "Compressor", "Identity", "LowPrecision", "Message", "RandomK",
-           "Rescaled", "Sign", "TopK", "make_compressor", "rows"]
+           "Rescaled", "Sign", "TopK", "compress_rows", "generator_states", "join",
+           "make_compressor", "rows", "worker_seed"]

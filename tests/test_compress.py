@@ -8,7 +8,19 @@ import torch
 from torch import nn
 
 from dsgd.algorithms import Choco
-from dsgd.compress import QSGD, Identity, LowPrecision, RandomK, Sign, TopK, make_compressor
+from dsgd.compress import (
+    QSGD,
+    Identity,
+    LowPrecision,
+    RandomK,
+    Rescaled,
+    Sign,
+    TopK,
+    compress_rows,
+    generator_states,
+    make_compressor,
+    worker_seed,
+)
 from dsgd.engine import Engine
 from dsgd.engine.network import faulty
 from dsgd.errors import UserError
@@ -61,6 +73,34 @@ def test_random_compressors_are_unbiased(comp):
     mean = sum(comp.decompress(comp.compress(v, gen)) for _ in range(draws)) / draws
     se = (_variance(comp, v) / draws).sqrt()  # every entry within 5 standard errors
     assert ((mean - v).abs() <= 5 * se + 1e-12).all()
+
+
+@pytest.mark.parametrize("comp", [*UNBIASED, Rescaled(RandomK(0.1))],
+                         ids=[*UNBIASED_IDS, "rescaled-randomk"])
+def test_random_compressors_draw_each_row_from_its_own_workers_generator(comp):
+    v = x()
+    msg, after = compress_rows(comp, v, generator_states(5, range(M)))
+    out = comp.decompress(msg)
+    for j in range(M):  # row j alone, from a generator seeded for worker j
+        gen = torch.Generator().manual_seed(worker_seed(5, j))
+        torch.testing.assert_close(out[j:j + 1], comp.decompress(comp.compress(v[j:j + 1], gen)),
+                                   atol=0, rtol=0)
+        assert torch.equal(after[j], gen.get_state())
+    # a block of the workers (what one torchrun rank hosts) draws what those rows drew
+    block, _ = compress_rows(comp, v[2:], generator_states(5, range(2, M)))
+    torch.testing.assert_close(comp.decompress(block), out[2:], atol=0, rtol=0)
+    # and not worker 0's draws (one generator for every row would give those)
+    first = torch.Generator().manual_seed(worker_seed(5, 0))
+    assert not torch.equal(out[1:2], comp.decompress(comp.compress(v[1:2], first)))
+
+
+def test_deterministic_compressors_compress_all_rows_at_once_and_draw_nothing():
+    v, states = x(), generator_states(5, range(M))
+    for comp in (Identity(), TopK(0.1), Sign(), LowPrecision()):
+        msg, after = compress_rows(comp, v, states)
+        torch.testing.assert_close(comp.decompress(msg), comp.decompress(comp.compress(v)),
+                                   atol=0, rtol=0)
+        assert after is states
 
 
 def test_sign_is_the_scaled_sign():

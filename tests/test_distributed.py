@@ -63,6 +63,13 @@ CONFIGS = [
      "compression": {"name": "topk", "ratio": 0.2}, "gamma": 0.5},
     {"name": "deepsqueeze_topk_ring_m4", "topology": "ring", "m": 4,
      "algorithm": "deepsqueeze", "compression": {"name": "topk", "ratio": 0.2}, "gamma": 0.5},
+    # random compressors: each worker draws from its own generator, whichever rank hosts it
+    {"name": "choco_randomk_ring_m4", "topology": "ring", "m": 4, "algorithm": "choco",
+     "compression": {"name": "randomk", "ratio": 0.2}, "gamma": 0.5},
+    {"name": "choco_qsgd_ring_m4", "topology": "ring", "m": 4, "algorithm": "choco",
+     "compression": {"name": "qsgd", "levels": 7}, "gamma": 0.5},
+    {"name": "choco_randomk_ring_m8", "topology": "ring", "m": 8, "algorithm": "choco",
+     "compression": {"name": "randomk", "ratio": 0.2}, "gamma": 0.5},
 ]
 for _cfg in CONFIGS:
     _cfg["steps"] = STEPS
@@ -199,8 +206,25 @@ def test_bytes_sent_is_neighbour_rows_only(torchrun_results):
     k = -(-P * 2 // 10)
     assert [p["bytes_sent"] for p in torchrun_results["choco_topk_ring_m4"]] == [
         STEPS * 2 * k * 8] * WORLD
+    # random-k 20 %: k values and the indices' 8-byte seed; QSGD 7 levels: 4 bits an entry and
+    # one float32 norm (66 entries, one bucket)
+    assert [p["bytes_sent"] for p in torchrun_results["choco_randomk_ring_m4"]] == [
+        STEPS * 2 * (k * 4 + 8)] * WORLD
+    assert [p["bytes_sent"] for p in torchrun_results["choco_qsgd_ring_m4"]] == [
+        STEPS * 2 * (-(-P * 4 // 8) + 4)] * WORLD
     # an all-gather of every worker would send (W - 1) rows per rank and step
     assert torchrun_results["ring_m4"][0]["bytes_sent"] < STEPS * (WORLD - 1) * row
+
+
+@pytest.mark.parametrize("name", ["choco_topk_ring_m4", "choco_randomk_ring_m4",
+                                  "choco_qsgd_ring_m4", "deepsqueeze_topk_ring_m4"])
+def test_compressed_gossip_counts_the_simulated_engines_bytes(torchrun_results, name):
+    """One worker per rank: the ranks together send what the simulated workers send."""
+    cfg = next(c for c in CONFIGS if c["name"] == name)
+    ref = make_engine(cfg)
+    for x, y in batches(cfg["m"], STEPS):
+        ref.step(x, y)
+    assert sum(p["bytes_sent"] for p in torchrun_results[name]) == ref.comm.bytes_sent
 
 
 # ---- faults ------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ with variance omega (random-k, QSGD) is one once rescaled by 1 / (1 + omega)
 the messages alone, so the error of a biased compressor (top-k) is not lost but fed back in the
 next message. Each worker keeps ``s = P x_hat`` up to date from the mixed messages (``P`` is
 fixed), so a step mixes only the compressed messages. With the identity compressor and gamma = 1
-this is D-SGD in the step-then-gossip order, x(t+1) = P (x(t) - eta d(t)).
+this is D-SGD in the step-then-gossip order, x(t+1) = P (x(t) - eta d(t)). Random compressors
+draw from each worker's own generator (``dsgd.compress.compress_rows``), so a run draws the
+same numbers in one process and under torchrun.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import torch
 from torch import Tensor
 
 from dsgd.algorithms.base import State, Stateless
-from dsgd.compress import Identity, Rescaled, make_compressor
+from dsgd.compress import (
+    Identity,
+    Message,
+    Rescaled,
+    compress_rows,
+    generator_states,
+    make_compressor,
+)
 from dsgd.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,11 +46,12 @@ if TYPE_CHECKING:
 class CompressedGossip(Stateless):
     """What the compressed-gossip algorithms (CHOCO, DeepSqueeze) share: a compressor (by name
     or object; an unbiased one rescaled into a contraction), the consensus step gamma and the
-    seed of the random compressors' draws."""
+    seed of the random compressors' draws (worker j's generator seeded from (seed, j), its state
+    a row of ``state["rng"]``, (m_local, L) uint8, checkpointed with the rest)."""
 
     compression: Any = field(default_factory=Identity)  # a compressor or its name
     consensus_step: float = 1.0  # gamma
-    seed: int = 0  # of the random compressors' draws (checkpointed with the state)
+    seed: int = 0  # of the random compressors' draws
 
     def __post_init__(self):
         if isinstance(self.compression, str):
@@ -52,6 +62,13 @@ class CompressedGossip(Stateless):
             raise ValueError(f"consensus_step (gamma) must be in (0, 1], got "
                              f"{self.consensus_step}")
 
+    def _generators(self, comm: Communicator) -> Tensor:  # (m_local, L)
+        return generator_states(self.seed, comm.workers)
+
+    def _compress(self, x: Tensor, state: State) -> tuple[Message, Tensor]:
+        """The hosted workers' messages, each row compressed with its worker's generator."""
+        return compress_rows(self.compression, x, state["rng"])
+
 
 @dataclass(frozen=True)
 class Choco(CompressedGossip):
@@ -61,20 +78,18 @@ class Choco(CompressedGossip):
         if comm.topology.time_varying:
             raise UserError(f"choco keeps P x_hat up to date from the messages, which needs a "
                             f"fixed mixing matrix; {comm.topology.name} changes every step")
-        gen = torch.Generator().manual_seed(self.seed)
-        return {"x_hat": torch.zeros_like(w), "s": torch.zeros_like(w), "rng": gen.get_state()}
+        return {"x_hat": torch.zeros_like(w), "s": torch.zeros_like(w),
+                "rng": self._generators(comm)}
 
     def step(self, w: Tensor, d: Tensor, state: State, comm: Communicator, lr: float, t: int
              ) -> tuple[Tensor, State]:
-        gen = torch.Generator()
-        gen.set_state(state["rng"])
         x = w - lr * d  # (m, P)
-        msg = self.compression.compress(x - state["x_hat"], generator=gen)
+        msg, rng = self._compress(x - state["x_hat"], state)
         q = self.compression.decompress(msg).to(w.dtype)
         x_hat = state["x_hat"] + q
         s = state["s"] + comm.mix_message(msg, self.compression, t).to(w.dtype)
         new = x.add_(s - x_hat, alpha=self.consensus_step)
-        return new, {"x_hat": x_hat, "s": s, "rng": gen.get_state()}
+        return new, {"x_hat": x_hat, "s": s, "rng": rng}
 
     def mix_buffers(self, b: Tensor, comm: Communicator, t: int) -> Tensor:
         return comm.mix(b, t)

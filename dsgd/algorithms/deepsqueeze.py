@@ -37,20 +37,17 @@ class DeepSqueeze(CompressedGossip):
     name = "deepsqueeze"
 
     def init(self, w: Tensor, comm: Communicator) -> State:
-        gen = torch.Generator().manual_seed(self.seed)
-        return {"error": torch.zeros_like(w), "rng": gen.get_state()}
+        return {"error": torch.zeros_like(w), "rng": self._generators(comm)}
 
     def step(self, w: Tensor, d: Tensor, state: State, comm: Communicator, lr: float, t: int
              ) -> tuple[Tensor, State]:
-        gen = torch.Generator()
-        gen.set_state(state["rng"])
         x = w - lr * d  # (m, P)
         v = x + state["error"]
-        msg = self.compression.compress(v, generator=gen)
+        msg, rng = self._compress(v, state)
         c = self.compression.decompress(msg).to(w.dtype)
         mixed = comm.mix_message(msg, self.compression, t).to(w.dtype)  # P c
         new = x.add_(mixed - c, alpha=self.consensus_step)
-        return new, {"error": v - c, "rng": gen.get_state()}
+        return new, {"error": v - c, "rng": rng}
 
     def mix_buffers(self, b: Tensor, comm: Communicator, t: int) -> Tensor:
         return comm.mix(b, t)
