@@ -204,10 +204,14 @@ TINY = {"data.name": "synthetic", "data.n_train": 256, "data.n_test": 64, "model
     {"train.algorithm": "drdsgd", "train.drdsgd_lambda": 20.0},
     {"train.algorithm": "choco", "train.compression": {"name": "topk", "ratio": 0.1},
      "train.consensus_step": 0.5},
+    {"train.algorithm": "choco", "train.compression": {"name": "qsgd", "levels": 7},
+     "train.consensus_step": 0.5, "train.topology": "one_peer_exponential",
+     "train.workers": 4, "train.faults": {"drop": 0.3}},
     {"train.algorithm": "local", "train.gossip_every": 3},
     {"train.faults": {"drop": 0.3, "stragglers": 0.1, "straggle_steps": 2}},
     {"train.precision": "bf16"},
-], ids=["gt", "d2", "qgm", "pushsum", "drdsgd", "choco", "local", "faults", "bf16"])
+], ids=["gt", "d2", "qgm", "pushsum", "drdsgd", "choco", "choco-time-varying-faults", "local",
+        "faults", "bf16"])
 def test_every_algorithm_trains_from_a_config(extra, tmp_path):
     import json
 

@@ -23,7 +23,6 @@ from dsgd.compress import (
 )
 from dsgd.engine import Engine
 from dsgd.engine.network import faulty
-from dsgd.errors import UserError
 from dsgd.topology import make_topology
 
 M, P = 4, 1000
@@ -178,9 +177,86 @@ def test_choco_top_k_trains_counts_compressed_bytes_and_resumes_bit_identically(
     assert a.consensus_distance() > 0
 
 
-def test_choco_refuses_a_time_varying_topology():
-    with pytest.raises(UserError, match="fixed mixing matrix"):
-        Engine(_mlp(), make_topology("one_peer_exponential", 8), algorithm="choco")
+def _schedules():
+    return {"one-peer-exponential": make_topology("one_peer_exponential", 8),
+            "ring-with-drops": faulty(make_topology("ring", 6), drop=0.3, seed=1)}
+
+
+@pytest.mark.parametrize("name", ["one-peer-exponential", "ring-with-drops"])
+@pytest.mark.parametrize("compression", ["none", TopK(1.0)], ids=["identity", "topk100"])
+def test_choco_on_a_time_varying_schedule_with_exact_messages_is_step_then_gossip_dsgd(
+        name, compression):
+    topo = _schedules()[name]
+    choco = Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=compression,
+                   consensus_step=1.0)
+    plain = Engine(_mlp(), topo, lr=0.1, strategy="loop")  # gradients only, then by hand
+    w = choco.w.clone()
+    for t, (xb, yb) in enumerate(_batches(8, m=topo.m)):
+        choco.step(xb, yb)
+        g, _, _ = plain.backend.gradients(w, {}, xb, yb)
+        w = topo.matrix(t) @ (w - 0.1 * g)  # x(t+1) = P(t) (x(t) - lr d(t))
+    torch.testing.assert_close(choco.w, w, atol=1e-6, rtol=0)
+    assert (w - w.mean(0)).abs().max() > 1e-3  # the workers disagree: not vacuous
+
+
+def test_choco_top_k_on_a_faulty_ring_moves_the_mean_as_dsgd():
+    topo = _schedules()["ring-with-drops"]
+    e = Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=TopK(0.2),
+               consensus_step=0.5)
+    plain = Engine(_mlp(), topo, lr=0.1, strategy="loop")
+    ring, dropped = make_topology("ring", 6).matrix(0), 0
+    for t, (xb, yb) in enumerate(_batches(8)):
+        w = e.w.clone()
+        g, _, _ = plain.backend.gradients(w, {}, xb, yb)
+        e.step(xb, yb)
+        # sum_k P(t)[j, k] x_hat_k - x_hat_j has mean zero for a doubly stochastic P(t)
+        torch.testing.assert_close(e.w.mean(0), (w - 0.1 * g).mean(0), atol=1e-12, rtol=0)
+        dropped += int(((ring != 0) & (topo.matrix(t) == 0)).sum())
+    assert dropped > 0  # some links were down
+    assert (e.algo_state["x_hat"] != e.w).any()  # the copies lag: compression is lossy
+
+
+@pytest.mark.parametrize("name, degree", [("one-peer-exponential", 3), ("ring-with-drops", 2)])
+def test_choco_on_a_time_varying_schedule_sends_one_message_per_union_neighbour_and_step(
+        name, degree):
+    """The union graph: worker j's copy is held by j - 1, j - 2, j - 4 on the one-peer
+    exponential graph of 8 (offsets 1, 2, 4 in turn), by both ring neighbours with drops."""
+    topo, steps = _schedules()[name], 8
+    e = Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=TopK(0.2),
+               consensus_step=0.5)
+    message = math.ceil(0.2 * e.layout.size) * (8 + 4)  # float64 values, int32 indices
+    for xb, yb in _batches(steps, m=topo.m):
+        e.step(xb, yb)
+    union = sum(topo.matrix(t) for t in range(steps)) != 0
+    union.fill_diagonal_(False)
+    assert torch.equal(e.algo_state["holders"], union.T)  # [j, k]: k holds j's copy
+    assert (union.sum(0) == degree).all()
+    assert e.comm.bytes_sent == steps * topo.m * degree * message
+
+
+def test_choco_time_varying_resumes_bit_identically_bytes_included(tmp_path):
+    topo = _schedules()["ring-with-drops"]
+    data = _batches(8)
+
+    def engine():
+        return Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=RandomK(0.2),
+                      consensus_step=0.5)
+
+    a = engine()
+    for xb, yb in data[:4]:
+        a.step(xb, yb)
+    torch.save(a.state_dict(), tmp_path / "c.pt")
+    b = engine()
+    b.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    sent = a.comm.bytes_sent
+    for xb, yb in data[4:]:
+        a.step(xb, yb)
+        b.step(xb, yb)
+    assert torch.equal(a.w, b.w)
+    assert b.comm.bytes_sent == a.comm.bytes_sent - sent  # no copy sent twice after resuming
+
+
+def test_choco_names_its_options():
     with pytest.raises(ValueError, match="bad options"):
         Engine(_mlp(), make_topology("ring", 6), algorithm="choco", gamma=0.5)
     assert Choco("topk").compression == TopK()

@@ -127,6 +127,21 @@ def test_one_process_group_mixes_like_the_local_communicator(monkeypatch):
         shutdown()
 
 
+def test_choco_on_a_time_varying_topology_is_refused_under_torchrun_with_what_to_do():
+    from dsgd.errors import UserError
+
+    choco = {"m": 8, "algorithm": "choco", "compression": {"name": "topk", "ratio": 0.2}}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ring = TorchDistributedCommunicator(make_topology("ring", 8))
+        make_engine({**choco, "topology": "ring"}, ring)  # a fixed matrix runs
+        varying = TorchDistributedCommunicator(make_topology("one_peer_exponential", 8))
+        with pytest.raises(UserError, match="one process only: use algorithm deepsqueeze"):
+            make_engine({**choco, "topology": "one_peer_exponential"}, varying)
+    finally:
+        shutdown()
+
+
 # ---- launching processes -----------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

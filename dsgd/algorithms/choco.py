@@ -12,11 +12,23 @@ gamma is the consensus step size. CHOCO needs Q to be a contraction; an unbiased
 with variance omega (random-k, QSGD) is one once rescaled by 1 / (1 + omega)
 (``dsgd.compress.Rescaled``), which ``Choco`` applies to them itself. The copies are updated by
 the messages alone, so the error of a biased compressor (top-k) is not lost but fed back in the
-next message. Each worker keeps ``s = P x_hat`` up to date from the mixed messages (``P`` is
-fixed), so a step mixes only the compressed messages. With the identity compressor and gamma = 1
-this is D-SGD in the step-then-gossip order, x(t+1) = P (x(t) - eta d(t)). Random compressors
-draw from each worker's own generator (``dsgd.compress.compress_rows``), so a run draws the
-same numbers in one process and under torchrun.
+next message. With the identity compressor and gamma = 1 this is D-SGD in the step-then-gossip
+order, x(t+1) = P (x(t) - eta d(t)). Random compressors draw from each worker's own generator
+(``dsgd.compress.compress_rows``), so a run draws the same numbers in one process and under
+torchrun.
+
+On a fixed P each worker keeps ``s = P x_hat`` up to date from the mixed messages, so a step
+mixes only the compressed messages (``comm.mix_message``). On a time-varying schedule P(t)
+(one-peer exponential, shuffled, dropped links and stragglers) the step is the same rule with
+P(t), x_j <- x_j' + gamma (sum_k P(t)[j, k] x_hat_k - x_hat_j), and the copies are kept as
+follows (``comm.mix_copies``): every worker keeps the copy of every worker it ever gossips with
+(the union graph of the schedule; for dropped links the base graph); a message that cannot
+travel at step t (a dropped link, a peer not contacted at t) is delivered at the next contact,
+so a copy is current whenever it is used. The bytes are one message per holder of the sender's
+copy and step, counted when sent (what a real network carries); a worker reached for the first
+time at step t receives the t earlier messages then. Mixing the copies with a doubly stochastic
+P(t) keeps the workers' mean that of x', as D-SGD's. This path runs in one process; under
+torchrun a time-varying schedule is refused (use deepsqueeze there).
 """
 
 from __future__ import annotations
@@ -36,7 +48,6 @@ from dsgd.compress import (
     generator_states,
     make_compressor,
 )
-from dsgd.errors import UserError
 
 if TYPE_CHECKING:
     from dsgd.engine.comm import Communicator
@@ -75,11 +86,10 @@ class Choco(CompressedGossip):
     name = "choco"
 
     def init(self, w: Tensor, comm: Communicator) -> State:
-        if comm.topology.time_varying:
-            raise UserError(f"choco keeps P x_hat up to date from the messages, which needs a "
-                            f"fixed mixing matrix; {comm.topology.name} changes every step")
-        return {"x_hat": torch.zeros_like(w), "s": torch.zeros_like(w),
-                "rng": self._generators(comm)}
+        start = {"x_hat": torch.zeros_like(w), "rng": self._generators(comm)}
+        if comm.topology.time_varying:  # who holds each worker's copy, for the byte count
+            return {**start, "holders": comm.copy_holders()}
+        return {**start, "s": torch.zeros_like(w)}
 
     def step(self, w: Tensor, d: Tensor, state: State, comm: Communicator, lr: float, t: int
              ) -> tuple[Tensor, State]:
@@ -87,6 +97,10 @@ class Choco(CompressedGossip):
         msg, rng = self._compress(x - state["x_hat"], state)
         q = self.compression.decompress(msg).to(w.dtype)
         x_hat = state["x_hat"] + q
+        if "holders" in state:  # a time-varying P(t): mix the current copies with it
+            mixed, holders = comm.mix_copies(x_hat, msg, self.compression, t, state["holders"])
+            new = x.add_(mixed.to(w.dtype) - x_hat, alpha=self.consensus_step)
+            return new, {"x_hat": x_hat, "holders": holders, "rng": rng}
         s = state["s"] + comm.mix_message(msg, self.compression, t).to(w.dtype)
         new = x.add_(s - x_hat, alpha=self.consensus_step)
         return new, {"x_hat": x_hat, "s": s, "rng": rng}

@@ -9,6 +9,12 @@ state, a tensor of shape ``(m_local, P)``:
   a communicator can fuse it into one pass over memory.
 - ``mix_message(msg, compressor, step)``: ``mix`` of a compressed message (``dsgd.compress``):
   what a worker sends is the message, what it computes with is the decoded rows.
+- ``mix_copies(copies, msg, compressor, step, holders)``: ``mix`` of public copies that every
+  worker who ever gossips with their owner keeps current from the owners' messages (CHOCO on a
+  time-varying schedule); ``holders`` (from ``copy_holders()``, kept by the caller) records who
+  holds each hosted worker's copy. A message counts once per holder when it is sent, also to a
+  holder not contacted at ``step`` (it is delivered at the next contact); a worker contacted
+  for the first time receives the sender's earlier messages then, ``step`` of them.
 
 Accounting, one convention for every call: ``bytes_sent`` counts the bytes the hosted workers
 put on the wire (in one process: what the workers would send as processes). A gossip sends one
@@ -57,6 +63,13 @@ class Communicator(Protocol):
 
     def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
         ...  # P(step) @ decompress(msg): what travels is the compressed message
+
+    def copy_holders(self) -> Tensor:  # (m_local, m) bool, all False
+        ...
+
+    def mix_copies(self, copies: Tensor, msg: Message, compressor: Compressor, step: int,
+                   holders: Tensor) -> tuple[Tensor, Tensor]:
+        ...  # (P(step) @ copies, holders after step): msg is what updated the copies
 
     def agree_min(self, value: int) -> int:  # the smallest value over all processes
         ...
@@ -191,6 +204,28 @@ class LocalCommunicator:
     def mix_message(self, msg: Message, compressor: Compressor, step: int) -> Tensor:
         """``P(step) @ decompress(msg)``, counting the compressed message's bytes."""
         return self.mix(compressor.decompress(msg), step, row_bytes=compressor.bytes(msg))
+
+    def copy_holders(self) -> Tensor:
+        """(m, m) bool, all False: ``[j, k]`` once worker k holds worker j's public copy."""
+        return torch.zeros(self.m, self.m, dtype=torch.bool)
+
+    def mix_copies(self, copies: Tensor, msg: Message, compressor: Compressor, step: int,
+                   holders: Tensor) -> tuple[Tensor, Tensor]:
+        """``P(step) @ copies`` (m, P), the public copies the messages ``msg`` have just
+        updated; every holder of a copy has it current. Worker j's message counts once per
+        holder of j's copy; a worker k that reads j for the first time (``P(step)[k, j] != 0``)
+        becomes a holder and receives j's ``step`` earlier messages too (every message of a
+        stream has one size: it depends only on the compressor and P)."""
+        plan = self.plan(step, copies)
+        reads = plan.matrix.T != 0  # [j, k]: worker k reads worker j at this step
+        reads.fill_diagonal_(False)
+        reads = reads.to(holders.device)
+        new = reads & ~holders
+        holders = holders | reads
+        nbytes = compressor.bytes(msg)
+        self.bytes_sent += nbytes * (int(holders.sum()) + step * int(new.sum()))
+        self.rounds.append(("gossip", step, nbytes))
+        return gossip(copies, plan), holders
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
         plan = self.plan(step, x)

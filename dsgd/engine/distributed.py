@@ -389,6 +389,21 @@ class TorchDistributedCommunicator:
         self.rounds.append(("gossip", step, compressor.bytes(msg)))
         return plan.weights @ torch.cat([own, *decoded]) if decoded else plan.weights @ own
 
+    def copy_holders(self) -> Tensor:
+        """Public copies on a time-varying schedule (``dsgd.engine.comm``) are kept in one
+        process only: every rank would have to hold, and bring up to date at each first
+        contact, the copies of every worker its workers ever gossip with."""
+        raise self._one_process_only()
+
+    def mix_copies(self, copies: Tensor, msg: Message, compressor: Compressor, step: int,
+                   holders: Tensor) -> tuple[Tensor, Tensor]:
+        raise self._one_process_only()
+
+    def _one_process_only(self) -> UserError:
+        return UserError(f"choco on the time-varying topology {self.topology.name} runs in "
+                         "one process only: use algorithm deepsqueeze under torchrun, or run "
+                         "choco without --engine distributed")
+
     def agree_min(self, value: int) -> int:
         """The smallest ``value`` over all ranks (e.g. the checkpoint step every rank holds)."""
         t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
