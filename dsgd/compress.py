@@ -292,6 +292,14 @@ class LowPrecision:
         return msg.size * 2
 
 
+def as_contraction(compression: Any):
+    """The compressor ``compression`` names (or is), an unbiased one (with an ``omega``) wrapped
+    in ``Rescaled``: what error feedback and CHOCO-SGD need, a contraction."""
+    if isinstance(compression, str):
+        compression = make_compressor(compression)
+    return Rescaled(compression) if hasattr(compression, "omega") else compression
+
+
 COMPRESSORS: dict[str, type] = {"none": Identity, "topk": TopK, "randomk": RandomK,
                                 "qsgd": QSGD, "sign": Sign, "lowp": LowPrecision}
 
@@ -304,5 +312,5 @@ def make_compressor(name: str, **options: Any):
 
 
 __all__ = ["COMPRESSORS", "QSGD", "Compressor", "Identity", "LowPrecision", "Message", "RandomK",
-           "Rescaled", "Sign", "TopK", "compress_rows", "generator_states", "join",
-           "make_compressor", "rows", "worker_seed"]
+           "Rescaled", "Sign", "TopK", "as_contraction", "compress_rows", "generator_states",
+           "join", "make_compressor", "rows", "worker_seed"]

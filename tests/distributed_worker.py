@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsgd.algorithms import Choco, DeepSqueeze
+from dsgd.algorithms import CSGD, Choco, DeepSqueeze
 from dsgd.compress import make_compressor
 from dsgd.engine import Engine
 from dsgd.engine.distributed import (
@@ -58,10 +58,14 @@ def make_engine(cfg: dict, comm=None) -> Engine:
     lr = warmup_multistep(0.2, warmup_steps=2, milestones=[10], gamma=0.5)
     model = mlp(cfg.get("batchnorm", False))
     algorithm = cfg.get("algorithm", "dsgd")
-    if "compression" in cfg:  # choco / deepsqueeze: its compressor by name, its consensus step
+    if "compression" in cfg:  # choco / deepsqueeze / csgd: its compressor by name
         opts = dict(cfg["compression"])
-        kind = DeepSqueeze if algorithm == "deepsqueeze" else Choco
-        algorithm = kind(make_compressor(opts.pop("name"), **opts), cfg.get("gamma", 1.0), seed=7)
+        compressor = make_compressor(opts.pop("name"), **opts)
+        if algorithm == "csgd":  # compressed gradients with error feedback
+            algorithm = CSGD(compressor, seed=7)
+        else:  # compressed gossip, its consensus step
+            kind = DeepSqueeze if algorithm == "deepsqueeze" else Choco
+            algorithm = kind(compressor, cfg.get("gamma", 1.0), seed=7)
     return Engine(model, topo if comm is None else None, comm=comm, lr=lr,
                   optimizer=SGD(momentum=cfg.get("momentum", 0.0)), algorithm=algorithm)
 

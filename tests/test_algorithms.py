@@ -230,6 +230,16 @@ def test_config_refuses_what_an_algorithm_cannot_take(tmp_path):
 
     with pytest.raises(UserError, match="applies to train.algorithm"):
         dsgd.load_config(None, {**TINY, "train.compression": {"name": "topk"}})
+    for name, why in [("gt", "sum_j y_j = sum_j g_j"), ("d2", "amplify compression error"),
+                      ("qgm", "change of the gossiped weights"),
+                      ("pushsum", "mass of its weights")]:
+        with pytest.raises(UserError, match=f"not apply to {name}: .*{why}.*; use choco, "
+                                            "deepsqueeze or csgd$"):
+            dsgd.load_config(None, {**TINY, "train.algorithm": name,
+                                    "train.compression": {"name": "topk"}})
+    cfg = dsgd.load_config(None, {**TINY, "train.algorithm": "csgd",
+                                  "train.compression": {"name": "sign"}})
+    assert cfg.train.compression == {"name": "sign"}
     with pytest.raises(UserError, match="topk takes"):
         dsgd.load_config(None, {**TINY, "train.algorithm": "choco",
                                 "train.compression": {"name": "topk", "levels": 3}})

@@ -1,5 +1,6 @@
-"""Compressors (round trips, unbiasedness, byte counts against their closed forms) and CHOCO-SGD
-against the step-then-gossip D-SGD loop it reduces to."""
+"""Compressors (round trips, unbiasedness, byte counts against their closed forms), CHOCO-SGD
+against the step-then-gossip D-SGD loop it reduces to, on fixed and time-varying schedules, and
+C-SGD with compressed gradients (error feedback) against plain C-SGD and its closed form."""
 
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dsgd.algorithms import Choco
+from dsgd.algorithms import CSGD, Choco
 from dsgd.compress import (
     QSGD,
     Identity,
@@ -21,7 +22,7 @@ from dsgd.compress import (
     make_compressor,
     worker_seed,
 )
-from dsgd.engine import Engine
+from dsgd.engine import Engine, LocalCommunicator
 from dsgd.engine.network import faulty
 from dsgd.topology import make_topology
 
@@ -313,3 +314,57 @@ def test_deepsqueeze_trains_from_a_config(tmp_path):
                  "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["test_acc"] > 0.3  # 10 separable clusters, chance is 0.1
+
+
+# ---- C-SGD with a compressed gradient exchange (error feedback) -------------------------------
+def test_csgd_with_the_identity_equals_plain_csgd_and_counts_an_all_gather():
+    from dsgd.optim import SGD
+
+    topo, steps = make_topology("ring", 6), 5
+    plain = Engine(_mlp(), topo, lr=0.1, algorithm="csgd", optimizer=SGD(momentum=0.9))
+    ef = Engine(_mlp(), topo, lr=0.1, algorithm=CSGD(compression="none"),
+                optimizer=SGD(momentum=0.9))
+    assert plain.backend.name == "one-batch" and ef.backend.name != "one-batch"
+    for xb, yb in _batches(steps):
+        plain.step(xb, yb)
+        ef.step(xb, yb)
+    torch.testing.assert_close(ef.w, plain.w, atol=1e-6, rtol=0)
+    # each worker's float64 message reaches the 5 others: 5 messages sent per worker and step
+    assert ef.comm.bytes_sent == steps * 6 * 5 * ef.layout.size * 8
+    assert [kind for kind, _, _ in ef.comm.rounds] == ["allgather"] * steps
+
+
+@pytest.mark.parametrize("comp", [TopK(0.1), Sign(), RandomK(0.1)], ids=["topk", "sign", "randomk"])
+def test_csgd_error_feedback_loses_nothing_the_residual_does_not_hold(comp):
+    """sum_t (1/m) sum_j c_j(t) + (1/m) sum_j e_j(T) = sum_t (1/m) sum_j g_j(t), every T."""
+    alg, comm = CSGD(compression=comp), LocalCommunicator(make_topology("ring", M))
+    state = alg.init(x(), comm)
+    sent = total = torch.zeros(P, dtype=torch.float64)
+    for t in range(20):
+        g = x(seed=10 + t)  # (m, P) any gradients
+        mean, state = alg.gradient(g, torch.zeros(M), state, comm, t)
+        assert (mean == mean[0]).all()  # every worker steps with the same mean
+        sent, total = sent + mean[0], total + g.mean(0)
+        torch.testing.assert_close(sent + state["error"].mean(0), total, atol=1e-10, rtol=0)
+    assert state["error"].abs().max() > 1e-3  # the messages did leave something out
+    assert comm.bytes_sent == 20 * M * (M - 1) * alg.compression.bytes(
+        alg.compression.compress(x()[:1], torch.Generator()))
+
+
+def test_csgd_error_feedback_compresses_each_workers_own_gradient_in_the_engine():
+    topo = make_topology("ring", 6)
+    e = Engine(_mlp(), topo, lr=0.1, algorithm="csgd", compression=TopK(0.2))
+    plain = Engine(_mlp(), topo, lr=0.1, strategy="loop")  # per-worker gradients, by hand
+    w0, sent = e.w.clone(), 0
+    for xb, yb in _batches(6):
+        w, error = e.w.clone(), e.algo_state["error"].clone()
+        g, _, _ = plain.backend.gradients(w, {}, xb, yb)  # (m, P), rows differ
+        e.step(xb, yb)
+        v = g + error
+        torch.testing.assert_close(e.algo_state["error"], v - TopK(0.2).decompress(
+            TopK(0.2).compress(v)), atol=1e-12, rtol=0)
+        sent = sent + g.mean(0)
+        assert (e.w == e.w[0]).all()  # the workers stay equal
+    # w(T) = w(0) - lr (sum of the decoded means) = w(0) - lr (sum of mean gradients - mean e)
+    torch.testing.assert_close(e.w[0], w0[0] - 0.1 * (sent - e.algo_state["error"].mean(0)),
+                               atol=1e-10, rtol=0)

@@ -70,6 +70,11 @@ CONFIGS = [
      "compression": {"name": "qsgd", "levels": 7}, "gamma": 0.5},
     {"name": "choco_randomk_ring_m8", "topology": "ring", "m": 8, "algorithm": "choco",
      "compression": {"name": "randomk", "ratio": 0.2}, "gamma": 0.5},
+    # compressed gradients with error feedback: an all-gather of the messages
+    {"name": "csgd_topk_m4", "topology": "ring", "m": 4, "algorithm": "csgd",
+     "compression": {"name": "topk", "ratio": 0.2}, "momentum": 0.9},
+    {"name": "csgd_qsgd_m8", "topology": "ring", "m": 8, "algorithm": "csgd",
+     "compression": {"name": "qsgd", "levels": 7}},
 ]
 for _cfg in CONFIGS:
     _cfg["steps"] = STEPS
@@ -227,13 +232,19 @@ def test_bytes_sent_is_neighbour_rows_only(torchrun_results):
         STEPS * 2 * (k * 4 + 8)] * WORLD
     assert [p["bytes_sent"] for p in torchrun_results["choco_qsgd_ring_m4"]] == [
         STEPS * 2 * (-(-P * 4 // 8) + 4)] * WORLD
+    # compressed C-SGD: a ring all-gather of the messages, W - 1 blocks of b messages per rank
+    assert [p["bytes_sent"] for p in torchrun_results["csgd_topk_m4"]] == [
+        STEPS * (WORLD - 1) * k * 8] * WORLD
+    assert [p["bytes_sent"] for p in torchrun_results["csgd_qsgd_m8"]] == [
+        STEPS * (WORLD - 1) * 2 * (-(-P * 4 // 8) + 4)] * WORLD
     # an all-gather of every worker would send (W - 1) rows per rank and step
     assert torchrun_results["ring_m4"][0]["bytes_sent"] < STEPS * (WORLD - 1) * row
 
 
 @pytest.mark.parametrize("name", ["choco_topk_ring_m4", "choco_randomk_ring_m4",
-                                  "choco_qsgd_ring_m4", "deepsqueeze_topk_ring_m4"])
-def test_compressed_gossip_counts_the_simulated_engines_bytes(torchrun_results, name):
+                                  "choco_qsgd_ring_m4", "deepsqueeze_topk_ring_m4",
+                                  "csgd_topk_m4"])
+def test_compressed_exchanges_count_the_simulated_engines_bytes(torchrun_results, name):
     """One worker per rank: the ranks together send what the simulated workers send."""
     cfg = next(c for c in CONFIGS if c["name"] == name)
     ref = make_engine(cfg)

@@ -98,6 +98,15 @@ def test_the_clock_of_a_run_is_the_sum_of_its_steps_closed_forms():
         a = allreduce.advance(t, [("allreduce", -1, VEC)])
     assert g == pytest.approx(n * (C + LAT + VEC / BW))
     assert a == pytest.approx(n * (C + 2 * (m - 1) * (LAT + VEC / m / BW)))
+    # compressed C-SGD: a ring all-gather of one message each, m - 1 hops of a whole message
+    gather, message = ring_clock(m), VEC / 50
+    for t in range(n):
+        ag = gather.advance(t, [("allgather", -1, message)])
+    assert ag == pytest.approx(n * (C + (m - 1) * (LAT + message / BW)))
+    delays = torch.zeros(m, dtype=torch.float64)
+    delays[5] = 0.5  # like the all-reduce, it waits for the slowest worker
+    assert ring_clock(m).advance(0, [("allgather", -1, message)], delays=delays) == (
+        pytest.approx(C + 0.5 + (m - 1) * (LAT + message / BW)))
     # two rounds in a step (gradient tracking's x and y) cost two message times
     two = ring_clock(m)
     assert two.advance(0, [("gossip", 0, VEC), ("gossip", 0, VEC)]) == pytest.approx(

@@ -32,6 +32,9 @@ State = dict[str, Tensor]
 class Algorithm(Protocol):
     name: str
     averages_gradients: bool  # every worker steps with the all-workers mean of the gradients
+    # it reads each worker's own gradient, not only their mean (compressed C-SGD): the engine
+    # must not compute one gradient of the combined batch in their place
+    needs_worker_gradients: bool
     mixing: str  # the matrices it needs: "doubly" stochastic, or "column" stochastic suffices
 
     def init(self, w: Tensor, comm: Communicator) -> State:  # w: (m_local, P)
@@ -53,6 +56,7 @@ class Stateless:
     """Defaults for an algorithm that keeps no state and hands the gradient on unchanged."""
 
     averages_gradients = False
+    needs_worker_gradients = False
     mixing = "doubly"
 
     def init(self, w: Tensor, comm: Communicator) -> State:

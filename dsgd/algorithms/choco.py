@@ -40,14 +40,7 @@ import torch
 from torch import Tensor
 
 from dsgd.algorithms.base import State, Stateless
-from dsgd.compress import (
-    Identity,
-    Message,
-    Rescaled,
-    compress_rows,
-    generator_states,
-    make_compressor,
-)
+from dsgd.compress import Identity, Message, as_contraction, compress_rows, generator_states
 
 if TYPE_CHECKING:
     from dsgd.engine.comm import Communicator
@@ -65,10 +58,7 @@ class CompressedGossip(Stateless):
     seed: int = 0  # of the random compressors' draws
 
     def __post_init__(self):
-        if isinstance(self.compression, str):
-            object.__setattr__(self, "compression", make_compressor(self.compression))
-        if hasattr(self.compression, "omega"):  # unbiased: rescale into a contraction
-            object.__setattr__(self, "compression", Rescaled(self.compression))
+        object.__setattr__(self, "compression", as_contraction(self.compression))
         if not 0 < self.consensus_step <= 1:
             raise ValueError(f"consensus_step (gamma) must be in (0, 1], got "
                              f"{self.consensus_step}")

@@ -5,6 +5,9 @@ state, a tensor of shape ``(m_local, P)``:
 
 - ``mix(x, step)``: gossip; row j becomes ``sum_k P(step)[j, k] x_k`` over *all* m workers.
 - ``mean(x)``: every row becomes the mean over all m workers (the all-reduce of C-SGD).
+- ``mean_message(msg, compressor)``: every row becomes the mean over all m workers of the
+  decoded messages (compressed C-SGD): an all-gather of the messages themselves, each decoded
+  by every receiver, since a sum of compressed messages is not one.
 - ``mix_add(x, d, alpha, step)``: ``mix(x, step) + alpha * d``, the D-SGD update in one call, so
   a communicator can fuse it into one pass over memory.
 - ``mix_message(msg, compressor, step)``: ``mix`` of a compressed message (``dsgd.compress``):
@@ -19,9 +22,11 @@ state, a tensor of shape ``(m_local, P)``:
 Accounting, one convention for every call: ``bytes_sent`` counts the bytes the hosted workers
 put on the wire (in one process: what the workers would send as processes). A gossip sends one
 row (or message) per out-neighbour; a ring all-reduce sends ``2 (m - 1) / m`` of the vector per
-worker (reduce-scatter, then all-gather). ``rounds`` lists the step's communication rounds,
-``(kind, step, bytes of one message)`` with kind ``"gossip"`` or ``"allreduce"``, for the
-simulated clock (``dsgd.engine.network``); the caller clears it.
+worker (reduce-scatter, then all-gather); a ring all-gather of one message per worker sends
+``m - 1`` messages per worker (its own, then the ones it passes on), so each message reaches
+the ``m - 1`` others. ``rounds`` lists the step's communication rounds, ``(kind, step, bytes of
+one message)`` with kind ``"gossip"``, ``"allreduce"`` (the bytes of the whole vector) or
+``"allgather"``, for the simulated clock (``dsgd.engine.network``); the caller clears it.
 
 ``LocalCommunicator`` hosts every worker in one process, so both are a matrix product. The
 distributed communicator (``dsgd.engine.distributed``) implements the same calls with
@@ -46,6 +51,13 @@ def allreduce_bytes(vector_bytes: int, world: int) -> int:
     return 2 * (world - 1) * vector_bytes // world if world > 1 else 0
 
 
+def allgather_bytes(message_bytes: int, count: int, world: int) -> int:
+    """What one of ``world`` participants sends in a ring all-gather of ``count`` messages of
+    ``message_bytes`` each per participant: world - 1 blocks of count messages (its own block,
+    then those it passes on)."""
+    return (world - 1) * count * message_bytes
+
+
 class Communicator(Protocol):
     m: int  # all workers
     workers: range  # the global indices of the workers hosted here
@@ -57,6 +69,9 @@ class Communicator(Protocol):
 
     def mean(self, x: Tensor) -> Tensor:  # (m_local, P) -> (m_local, P), rows equal
         ...
+
+    def mean_message(self, msg: Message, compressor: Compressor) -> Tensor:
+        ...  # (m_local, P), every row the mean over all m workers of decompress(msg)
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
         ...
@@ -215,7 +230,7 @@ class LocalCommunicator:
         updated; every holder of a copy has it current. Worker j's message counts once per
         holder of j's copy; a worker k that reads j for the first time (``P(step)[k, j] != 0``)
         becomes a holder and receives j's ``step`` earlier messages too (every message of a
-        stream has one size: it depends only on the compressor and P)."""
+        stream has one size: it depends only on the compressor and the vector's length)."""
         plan = self.plan(step, copies)
         reads = plan.matrix.T != 0  # [j, k]: worker k reads worker j at this step
         reads.fill_diagonal_(False)
@@ -244,9 +259,18 @@ class LocalCommunicator:
         self.rounds.append(("allreduce", -1, row))
         return x.mean(0, keepdim=True).expand_as(x).clone()
 
+    def mean_message(self, msg: Message, compressor: Compressor) -> Tensor:
+        """Every row the mean of the m decoded messages; counted as the ring all-gather of
+        the messages, m - 1 messages per worker."""
+        nbytes = compressor.bytes(msg)
+        self.bytes_sent += self.m * allgather_bytes(nbytes, 1, self.m)
+        self.rounds.append(("allgather", -1, nbytes))
+        every = compressor.decompress(msg)  # (m, P)
+        return every.mean(0, keepdim=True).expand_as(every).clone()
+
     def agree_min(self, value: int) -> int:
         return value  # one process
 
 
-__all__ = ["Communicator", "LocalCommunicator", "MixPlan", "allreduce_bytes", "gossip",
-           "gossip_add"]
+__all__ = ["Communicator", "LocalCommunicator", "MixPlan", "allgather_bytes", "allreduce_bytes",
+           "gossip", "gossip_add"]

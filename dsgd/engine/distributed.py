@@ -14,7 +14,8 @@ All sends and receives of a step go out in one ``dist.batch_isend_irecv``: one m
 neighbouring rank and direction, never an all-gather. Both sides compute the same plan from
 ``topology.matrix(step)``, a pure function of the step; static topologies cache it, time-varying
 ones (one-peer exponential, ``permuted``) rebuild it each step. ``mean`` (C-SGD, the averaged
-model, consensus distance) is one ``all_reduce`` of the local row sum.
+model, consensus distance) is one ``all_reduce`` of the local row sum; ``mean_message``
+(compressed C-SGD) one ``all_gather`` of each tensor of the compressed messages.
 
 Running it (the training CLI builds on :func:`init_from_env`)::
 
@@ -50,8 +51,10 @@ Give ``init_from_env`` the same ``timeout_s`` as the communicator.
 Accounting: ``bytes_sent`` counts the bytes this rank puts on the wire, the convention of
 ``dsgd.engine.comm``: for ``mix`` the rows it sends (``rows * P * itemsize`` per neighbouring
 rank), for ``mean`` what a ring all-reduce over W ranks sends per rank, ``2 (W - 1) / W`` of the
-vector. With one worker per rank that is ``2 * P * itemsize`` per ring gossip step and
-``2 (m - 1) / m * P * itemsize`` per C-SGD step, as the simulated communicator counts.
+vector, for ``mean_message`` what a ring all-gather of the messages over W ranks sends per
+rank, ``W - 1`` blocks of its ``b`` messages. With one worker per rank that is
+``2 * P * itemsize`` per ring gossip step, ``2 (m - 1) / m * P * itemsize`` per C-SGD step and
+``m - 1`` messages per compressed C-SGD step, as the simulated communicator counts.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dsgd.compress import Compressor, Message
-from dsgd.engine.comm import allreduce_bytes
+from dsgd.engine.comm import allgather_bytes, allreduce_bytes
 from dsgd.errors import TrainingDiverged, UserError
 from dsgd.topology import Topology
 
@@ -417,6 +420,30 @@ class TorchDistributedCommunicator:
 
     def mix_add(self, x: Tensor, d: Tensor, alpha: float, step: int) -> Tensor:
         return self.mix(x, step).add_(d, alpha=alpha)
+
+    def mean_message(self, msg: Message, compressor: Compressor) -> Tensor:
+        """(b, P), every row the mean over all m workers of the decoded messages: one
+        all-gather of each of the message's tensors (values, indices, scales), every rank
+        decoding all m messages. Counted as a ring all-gather over the W ranks: W - 1 blocks
+        of b messages sent per rank."""
+        parts = [t.contiguous() for t in (msg.values, msg.indices, msg.scale) if t is not None]
+        gathered = [[torch.empty_like(t) for _ in range(self.world_size)] for t in parts]
+        started = time.monotonic()
+        try:
+            works = [dist.all_gather(out, t, group=self.group, async_op=True)
+                     for out, t in zip(gathered, parts)]
+        except RuntimeError as e:
+            raise self._failure("all-gather", None, started, e) from e
+        self._wait(works, [None] * len(works), "all-gather", started)
+        it = (torch.cat(out) for out in gathered)  # (m, ...) each, in worker order
+        values = next(it)
+        indices = next(it) if msg.indices is not None else None
+        scale = next(it) if msg.scale is not None else None
+        every = compressor.decompress(Message(values, msg.size, indices, scale, msg.meta))
+        nbytes = compressor.bytes(msg)
+        self.bytes_sent += allgather_bytes(nbytes, len(self.workers), self.world_size)
+        self.rounds.append(("allgather", -1, nbytes))
+        return every.mean(0, keepdim=True).expand(len(self.workers), -1).clone()
 
     def mean(self, x: Tensor) -> Tensor:  # (b, P) -> (b, P), every row the mean of all m
         total = x.sum(0)  # (P,)

@@ -146,6 +146,7 @@ class Engine:
         self.random_ops = torch.Generator(self.w.device).manual_seed(seed)  # the model's draws
 
         one_batch = (algorithm.averages_gradients and gradient_rule is None
+                     and not getattr(algorithm, "needs_worker_gradients", False)
                      and not self.b.shape[1] and not self.int_buffers
                      and not _batch_coupled(model))
         self.backend = make_backend(strategy, Objective(model, self.layout, loss, precision),

@@ -19,9 +19,11 @@ gossip round then waits for the messages of j's in-neighbours (those with P[j, k
 step: a dropped link, or a straggler that misses the round, is not waited for) and takes one
 message time, latency + bytes / bandwidth, the messages to several neighbours travelling in
 parallel over separate links. A ring all-reduce (C-SGD) waits for every worker and takes
-2 (m - 1) sequential hops of P / m values. So a delay blocks all of C-SGD at once, while in gossip
-it reaches only the neighbours at the next round and spreads one hop per step (overlapping
-delays at different workers then cost their maximum, not their sum). ``NetworkClock`` carries
+2 (m - 1) sequential hops of P / m values; a ring all-gather of one message per worker
+(compressed C-SGD) waits for every worker too and takes m - 1 sequential hops of one message.
+So a delay blocks all of C-SGD at once, while in gossip it reaches only the neighbours at the
+next round and spreads one hop per step (overlapping delays at different workers then cost
+their maximum, not their sum). ``NetworkClock`` carries
 each worker's finishing time from step to step, fed by the communicator's ``rounds``.
 """
 
@@ -107,6 +109,13 @@ class SimulatedClock:
         end = ready.max() + (2 * (m - 1) * self.transfer(vector_bytes / m) if m > 1 else 0.0)
         return end.expand(m).clone()
 
+    def allgather_round(self, ready: Tensor, message_bytes: float) -> Tensor:
+        """(m,) every worker ends the ring all-gather of one message each together: after the
+        last one is ready, m - 1 sequential hops of one message."""
+        m = ready.shape[0]
+        end = ready.max() + ((m - 1) * self.transfer(message_bytes) if m > 1 else 0.0)
+        return end.expand(m).clone()
+
     def gossip_step(self, P: Tensor, message_bytes: float, delays: Tensor | None = None
                     ) -> Tensor:
         """(m,) when each worker finishes a gossip step started together: its own compute
@@ -129,7 +138,8 @@ class NetworkClock:
     ``advance(step, rounds)`` starts every worker's compute at its own previous finishing time
     (plus ``delay_s`` for the workers straggling at ``step``), then plays the step's
     communication rounds (``comm.rounds``: ``("gossip", t, message bytes)`` on ``topology``'s
-    P(t), ``("allreduce", _, vector bytes)``) and returns the time the last worker finished."""
+    P(t), ``("allreduce", _, vector bytes)``, ``("allgather", _, message bytes)``) and
+    returns the time the last worker finished."""
 
     def __init__(self, clock: SimulatedClock, topology: Topology, *, delay_s: float = 0.0,
                  stragglers: float = 0.0, straggle_steps: int = 1, seed: int = 0):
@@ -152,6 +162,8 @@ class NetworkClock:
         for kind, at, nbytes in rounds:
             if kind == "gossip":
                 t = self.clock.gossip_round(t, self.topology.matrix(at).to(t.dtype), nbytes)
+            elif kind == "allgather":
+                t = self.clock.allgather_round(t, nbytes)
             else:
                 t = self.clock.allreduce_round(t, nbytes)
         self.finish = t

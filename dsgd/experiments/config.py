@@ -97,8 +97,9 @@ class TrainConfig:
     samples: int = 2  # avg_sam: Monte-Carlo samples per step
     qgm_beta: float = 0.9  # qgm: the quasi-global momentum factor (Lin et al. 2021)
     drdsgd_lambda: float = 10.0  # drdsgd: the robustness lambda (the paper's analysis: > 1)
-    # choco, deepsqueeze: the compressor, e.g. {name = "topk", ratio = 0.01}; names none |
-    # topk | randomk | qsgd (levels, bucket) | sign | lowp (dtype)
+    # choco, deepsqueeze (compressed gossip), csgd (compressed gradients, error feedback): the
+    # compressor, e.g. {name = "topk", ratio = 0.01}; names none | topk | randomk | qsgd
+    # (levels, bucket) | sign | lowp (dtype)
     compression: dict[str, Any] = field(default_factory=dict)
     consensus_step: float = 1.0  # choco, deepsqueeze: the consensus step size gamma, in (0, 1]
     # lazy gossip: P' = lazy I + (1 - lazy) P; 0.5 lifts an even ring's -1/3 eigenvalue for d2
@@ -150,6 +151,18 @@ ALGORITHMS = ("dsgd", "csgd", "local", "gt", "d2", "qgm", "pushsum", "drdsgd", "
               "deepsqueeze")
 COMPRESSORS = {"none": (), "topk": ("ratio",), "randomk": ("ratio",), "qsgd": ("levels", "bucket"),
                "sign": (), "lowp": ("dtype",)}
+COMPRESSED = ("choco", "deepsqueeze", "csgd")  # the algorithms train.compression applies to
+# why the others refuse it: what compression error, held back in a residual, would break
+UNCOMPRESSIBLE = {
+    "gt": "gradient tracking needs sum_j y_j = sum_j g_j at every step, which compression error "
+          "left in a residual breaks",
+    "d2": "D2's extrapolation 2 x(t) - x(t-1) of the mixed weights would amplify compression "
+          "error instead of letting it decay",
+    "qgm": "QG-DSGDm takes its momentum from the change of the gossiped weights, which "
+           "compression error would enter",
+    "pushsum": "push-sum needs the mass of its weights psi conserved, which compression error "
+               "left in a residual breaks",
+}
 FAULTS = ("drop", "stragglers", "straggle_steps", "seed")
 SCHEDULES = ("multistep", "cosine", "constant")
 GRADIENTS = ("sgd", "sam", "asam", "avg_sam")
@@ -270,9 +283,12 @@ def validate(cfg: Config) -> Config:
     extra = sorted(set(t.compression) - {"name", *COMPRESSORS.get(comp, ())})
     need(not extra, f"train.compression: {comp} takes {list(COMPRESSORS.get(comp, ()))}, "
                     f"not {extra}")
-    need(not t.compression or t.algorithm in ("choco", "deepsqueeze"),
-         "train.compression applies to train.algorithm = \"choco\" or \"deepsqueeze\" (error "
-         "feedback)")
+    need(not t.compression or t.algorithm not in UNCOMPRESSIBLE,
+         f"train.compression does not apply to {t.algorithm}: "
+         f"{UNCOMPRESSIBLE.get(t.algorithm)}; use choco, deepsqueeze or csgd")
+    need(not t.compression or t.algorithm in COMPRESSED,
+         "train.compression applies to train.algorithm = choco, deepsqueeze (compressed gossip) "
+         "or csgd (compressed gradients, error feedback)")
     need(set(t.faults) <= set(FAULTS), f"train.faults takes {', '.join(FAULTS)}, got "
                                        f"{sorted(t.faults)}")
     need(0 <= t.lazy < 1, f"train.lazy must be in [0, 1), got {t.lazy}")
