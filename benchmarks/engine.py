@@ -444,6 +444,86 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
     print("\n".join(picks))
 
 
+# ---- where an engine step's time goes -----------------------------------------------------------
+def phases(models: list[str], workers: list[int], repeats: int, device: str) -> None:
+    """The engine's step (strategy auto, D-SGD ring) split into its parts, beside C-SGD on one
+    model, all interleaved in one process: the gradient backend (of which the flattening of the
+    per-parameter gradients into the (m, P) rows), the update (optimizer direction, gossip and
+    step), and the rest (batch checks, random-number bookkeeping). ``pass`` is the time of one
+    pass over the (m, P) weights on this machine (``torch.add(w, d, out=buf)``: two reads and a
+    write), the unit in which the memory-bound parts are counted."""
+    import torch
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    print(f"phases, {_device_line(device)}: ms per step, median of {repeats} rounds")
+    cols = ["step", "gradients", "flatten", "update", "rest", "csgd1", "pass", "ratio",
+            "ratio w/o update"]
+    print("| model | m | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            sync()
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            sync()
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return r
+        return wrapper
+
+    for model in models:
+        for m in workers:
+            step = _build_runner(model, m, "auto", device)
+            base = _build_runner(model, m, "csgd1", device)
+            eng = step.engine
+            eng.backend.gradients = timed("gradients", eng.backend.gradients)
+            eng.layout.flatten = timed("flatten", eng.layout.flatten)
+            eng.optimizer = _Timed(eng.optimizer, "direction", timed)
+            eng.algorithm = _Timed(eng.algorithm, "step", timed)
+            w, d = eng.w, torch.empty_like(eng.w)
+            buf = torch.empty_like(w)
+            for f in (step, step, base, base):
+                f()
+            rows: dict[str, list[float]] = {c: [] for c in cols[:7]}
+            for _ in range(repeats):
+                spent.clear()
+                sync()
+                t0 = time.perf_counter()
+                step()
+                sync()
+                total = time.perf_counter() - t0
+                update = spent.get("direction", 0) + spent.get("step", 0)
+                rows["step"].append(total)
+                rows["gradients"].append(spent.get("gradients", 0))
+                rows["flatten"].append(spent.get("flatten", 0))
+                rows["update"].append(update)
+                rows["rest"].append(total - spent.get("gradients", 0) - update)
+                sync()
+                t0 = time.perf_counter()
+                base()
+                sync()
+                rows["csgd1"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                torch.add(w, d, out=buf)
+                sync()
+                rows["pass"].append(time.perf_counter() - t0)
+            ms = {c: 1e3 * statistics.median(v) for c, v in rows.items()}
+            print(f"| {model} | {m} | " + " | ".join(f"{ms[c]:.2f}" for c in cols[:7])
+                  + f" | {ms['csgd1'] / ms['step']:.2f} | "
+                  f"{ms['csgd1'] / (ms['step'] - ms['update']):.2f} |", flush=True)
+
+
+class _Timed:
+    """An object (the engine's algorithm or optimizer) with one method timed (for ``phases``)."""
+
+    def __init__(self, inner, method: str, timed):
+        self._inner = inner
+        setattr(self, method, timed(method, getattr(inner, method)))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 # ---- the paper's run, projected (GPU) ----------------------------------------------------------
 PROJECTION = {  # row label -> (method, topology)
     "C-SGD": ("csgd:auto", "complete"),
@@ -530,6 +610,8 @@ def main() -> None:
     ap.add_argument("--interleaved", action="store_true",
                     help="(a)/(b) from alternating steps in one process (--models, --workers; "
                          "--methods adds vmap / loop / compile columns)")
+    ap.add_argument("--phases", action="store_true",
+                    help="where the engine step's time goes (--models, --workers)")
     ap.add_argument("--prototype", action="store_true",
                     help="the step with each gossip mode, interleaved (--models, --workers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -567,11 +649,14 @@ def main() -> None:
     if args.prototype:
         prototype(args.models, args.workers, args.repeats)
         return
-    if args.interleaved:
+    if args.phases or args.interleaved:
         if not args.default_malloc:
             from dsgd.engine.memory import keep_freed_memory
             keep_freed_memory()
-        interleaved(args.models, args.workers, args.methods, args.repeats, args.device)
+        if args.phases:
+            phases(args.models, args.workers, args.repeats, args.device)
+        else:
+            interleaved(args.models, args.workers, args.methods, args.repeats, args.device)
         return
     if args.paper_projection:
         paper_projection(args)

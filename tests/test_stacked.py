@@ -1,0 +1,139 @@
+"""Stacked Linear layers (``dsgd.engine.stacked``): which models take the path, and gradients,
+losses and accuracies equal to ``torch.func.vmap(grad(...))``, the path it replaces."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, vmap
+
+from dsgd.engine import Engine
+from dsgd.engine.backends import Objective, VmapBackend, accuracy
+from dsgd.engine.layout import Layout
+from dsgd.engine.stacked import StackedGradients, stack
+from dsgd.models import build_model
+from dsgd.optim import SGD
+from dsgd.topology import make_topology
+
+M = 5
+
+
+class Functional(nn.Module):
+    """Layers called through functions, a Linear without bias, flatten as a method."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 9), nn.Linear(9, 4, bias=False)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x.flatten(1))))
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 12)
+
+    def forward(self, x):
+        return self.a(torch.relu(self.a(x.flatten(1))))
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.a(x.flatten(1)) if x.sum() > 0 else -self.a(x.flatten(1))
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.scale = nn.Linear(12, 4), nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return self.a(x.flatten(1)) * self.scale
+
+
+STACKED = {
+    "mlp": lambda: build_model("mlp", 4, (3, 4)),
+    "functional": Functional,
+    "flatten_module": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(),
+                                            nn.Dropout(0.0), nn.Linear(6, 4)),
+    "sequence": lambda: nn.Sequential(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 4)),
+}
+NOT_STACKED = {
+    "conv": lambda: build_model("lenet5", 4, (1, 28, 28)),
+    "batchnorm": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)),
+    "dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Dropout(0.5)),
+    "shared_layer": Shared,
+    "control_flow": Branching,
+    "parameter_outside_linear": Scaled,
+    "attention": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Softmax(-1)),
+}
+
+
+@pytest.mark.parametrize("name", NOT_STACKED)
+def test_models_that_are_not_linear_stacks_keep_vmap(name):
+    assert stack(NOT_STACKED[name]()) is None
+
+
+def _reference(model, w, lay, loss, x, y):
+    ob = Objective(model, lay, loss)
+    g, (losses, acc) = vmap(grad(ob, has_aux=True))(lay.views(w), {}, x, y)
+    return lay.flatten(g, batch_dims=1), losses, acc
+
+
+@pytest.mark.parametrize("name", STACKED)
+def test_gradients_losses_and_accuracy_equal_vmap(name):
+    torch.manual_seed(0)
+    model = STACKED[name]()
+    plan = stack(model)
+    assert plan is not None
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    lay = Layout(params)
+    w = lay.flatten(params).repeat(M, 1) + 0.3 * torch.randn(M, lay.size)  # rows differ
+    x = torch.randn(M, 7, 3, 4)  # "sequence" applies its layers to the last dim: (7, 3) tokens
+    y = torch.randint(0, 4, (M, 7) if name != "sequence" else (M, 7, 3))
+    loss = (F.cross_entropy if name != "sequence"
+            else lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten()))
+    want = _reference(model, w, lay, loss, x, y)
+    got = StackedGradients(plan, lay, loss, accuracy).gradients(w, x, y)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    if name != "sequence":
+        torch.testing.assert_close(got[2], want[2])
+
+
+def test_regression_loss():
+    torch.manual_seed(0)
+    model = build_model("mlp", 2, (5,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    lay = Layout(params)
+    w = lay.flatten(params).repeat(M, 1) + 0.3 * torch.randn(M, lay.size)
+    x, y = torch.randn(M, 8, 5), torch.randn(M, 8, 2)
+    want = _reference(model, w, lay, F.mse_loss, x, y)
+    got = StackedGradients(stack(model), lay, F.mse_loss, accuracy).gradients(w, x, y)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    assert torch.isnan(got[2]).all()  # no class scores: accuracy is NaN, as vmap's
+
+
+def test_engine_takes_the_path_and_trains_as_the_loop_does():
+    """strategy vmap on an MLP runs the stacked path (not with chunk_size or compile), and ten
+    D-SGD steps with momentum land where the per-worker loop lands."""
+    def run(strategy, **kw):
+        torch.manual_seed(0)
+        eng = Engine(build_model("mlp", 4, (3, 4)), make_topology("ring", M), lr=0.1,
+                     strategy=strategy, optimizer=SGD(momentum=0.9), **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            eng.step(torch.randn(M, 6, 3, 4, generator=gen),
+                     torch.randint(0, 4, (M, 6), generator=gen))
+        return eng
+
+    vm, loop, chunked = run("vmap"), run("loop"), run("vmap", chunk_size=2)
+    assert isinstance(vm.backend, VmapBackend) and vm.backend._stacked is not None
+    assert chunked.backend._stacked is None
+    torch.testing.assert_close(vm.w, loop.w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.w, loop.w, atol=1e-5, rtol=0)
