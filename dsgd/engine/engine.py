@@ -78,7 +78,7 @@ class Engine:
         and optimizer state stay float32).
     algorithm_options: the named algorithm's options, e.g. ``beta`` for "qgm", ``lam`` for
         "drdsgd", ``compression`` and ``consensus_step`` for "choco" and
-        "deepsqueeze".
+        "deepsqueeze", ``compression`` for "csgd" (compressed gradients with error feedback).
     """
 
     def __init__(

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsgd.algorithms import DRDSGD, QGM, Algorithm, Choco, DeepSqueeze
+from dsgd.algorithms import CSGD, DRDSGD, QGM, Algorithm, Choco, DeepSqueeze
 from dsgd.compress import make_compressor
 from dsgd.data import WorkerLoader, batches, crop_flip, load_dataset, split
 from dsgd.engine import Engine
@@ -92,6 +92,9 @@ def _algorithm(t: C.TrainConfig) -> str | Algorithm:
         kind = Choco if t.algorithm == "choco" else DeepSqueeze
         return kind(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
                     seed=t.seed)
+    if t.algorithm == "csgd" and t.compression:  # compressed gradients, error feedback
+        opts = dict(t.compression)
+        return CSGD(make_compressor(opts.pop("name", "none"), **opts), seed=t.seed)
     return t.algorithm
 
 
