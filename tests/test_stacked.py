@@ -30,12 +30,16 @@ class Functional(nn.Module):
 
 
 class Shared(nn.Module):
+    """One Linear applied twice, and a layer whose output is unused (its gradient is zero)."""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(12, 12)
+        self.a, self.unused = nn.Linear(12, 12), nn.Linear(12, 3)
 
     def forward(self, x):
-        return self.a(torch.relu(self.a(x.flatten(1))))
+        h = torch.relu(self.a(x.flatten(1)))
+        self.unused(h)
+        return self.a(h)
 
 
 class Branching(nn.Module):
@@ -62,12 +66,12 @@ STACKED = {
     "flatten_module": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(),
                                             nn.Dropout(0.0), nn.Linear(6, 4)),
     "sequence": lambda: nn.Sequential(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 4)),
+    "shared_layer": Shared,  # one Linear called twice: its two gradient contributions add up
 }
 NOT_STACKED = {
     "conv": lambda: build_model("lenet5", 4, (1, 28, 28)),
     "batchnorm": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)),
     "dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Dropout(0.5)),
-    "shared_layer": Shared,
     "control_flow": Branching,
     "parameter_outside_linear": Scaled,
     "attention": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Softmax(-1)),
