@@ -275,3 +275,54 @@ def test_bf16_forward_keeps_float32_state_and_tracks_float32(strategy):
     gap = (bf.w - runs["fp32"].w).abs().max().item()
     assert 1e-5 < gap < 5e-2  # bf16 did run, and stays close
     torch.testing.assert_close(bf.b, runs["fp32"].b, atol=2e-3, rtol=0)
+
+
+# ---- memory format -----------------------------------------------------------------------------
+class ViewsAfterConv(nn.Module):
+    """``x.view(x.size(0), -1)`` after a convolution: needs contiguous activations."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(27, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_channels_last_trains_as_contiguous_does(strategy):
+    """Conv nets take channels-last input by default (not under vmap, which runs contiguous);
+    the run lands where the contiguous one does (the convolutions round differently), weights
+    and BatchNorm statistics alike."""
+    runs = {}
+    for cl in (None, False):
+        eng = Engine(convnet(), make_topology("ring", M), lr=0.1, strategy=strategy,
+                     channels_last=cl, optimizer=SGD(momentum=0.9))
+        for x, y in batches((2, 5, 5), 5):
+            eng.step(x, y)
+        runs[cl] = eng
+    assert runs[None].backend.objective.channels_last
+    torch.testing.assert_close(runs[None].w, runs[False].w, atol=1e-5, rtol=0)
+    torch.testing.assert_close(runs[None].b, runs[False].b, atol=1e-5, rtol=0)
+
+
+def test_a_model_that_needs_contiguous_activations_falls_back_once():
+    """The first channels-last call fails in ``view``; the buffers it touched are put back and
+    the run continues contiguous, bit for bit the run that never tried."""
+    runs = {}
+    for cl in (None, False):
+        eng = Engine(ViewsAfterConv(), make_topology("ring", M), lr=0.1, strategy="loop",
+                     channels_last=cl)
+        data = batches((2, 5, 5), 3)
+        if cl is None:
+            with pytest.warns(UserWarning, match="failed on channels-last input"):
+                eng.step(*data[0])
+        else:
+            eng.step(*data[0])
+        for x, y in data[1:]:
+            eng.step(x, y)
+        runs[cl] = eng
+    assert not runs[None].backend.objective.channels_last
+    assert torch.equal(runs[None].w, runs[False].w) and torch.equal(runs[None].b, runs[False].b)

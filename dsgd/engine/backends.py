@@ -73,13 +73,25 @@ class Objective:
     ``precision="bf16"`` runs the forward (and so the backward) under ``torch.autocast`` in
     bfloat16: matrix products and convolutions in bf16, the weights, their gradients, the loss
     and everything after (gossip, optimizer state) in float32, so gossip still preserves the
-    workers' mean exactly."""
+    workers' mean exactly.
+
+    ``channels_last``: image batches (N, C, H, W) go into the model in channels-last memory
+    format (oneDNN and cuDNN convolutions run faster on it: on this project's CPU 1.4x for
+    LeNet-5 at batch 32, 1.9x at batch 512). None: for models with 2-d convolutions. The values
+    are the same, the rounding of the convolutions may differ. A model whose forward needs
+    contiguous activations (``x.view(x.size(0), -1)`` after a convolution) fails on it; the
+    first such failure switches it off for the run, with a warning, and the call is repeated
+    on contiguous input. vmap runs contiguous (its batching rules do not take the format)."""
 
     def __init__(self, model: nn.Module, layout: Layout, loss: Callable[[Tensor, Tensor], Tensor],
-                 precision: str = "fp32"):
+                 precision: str = "fp32", channels_last: bool | None = None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.model, self.layout, self.loss, self.precision = model, layout, loss, precision
+        if channels_last is None:
+            channels_last = any(isinstance(mod, nn.Conv2d) for mod in model.modules())
+        self.channels_last = channels_last
+        self._format_checked = not channels_last
         if precision == "bf16":
             # normalisation layers keep float32 statistics: feed them float32 (vmap's batch-norm
             # rule refuses a bf16 input beside float32 running statistics)
@@ -87,10 +99,42 @@ class Objective:
                 if isinstance(mod, nn.modules.batchnorm._NormBase):
                     mod.register_forward_pre_hook(_stats_dtype_input)
 
-    def __call__(self, p: Params, b: Params, x: Tensor, y: Tensor, module: nn.Module | None = None):
+    def contiguous(self) -> Objective:
+        """This objective with contiguous inputs (for vmap)."""
+        flat = copy.copy(self)
+        flat.channels_last, flat._format_checked = False, True
+        return flat
+
+    def forward(self, module: nn.Module, tensors: Params, x: Tensor) -> Tensor:
+        """The model's float32 outputs on x, under autocast for bf16, in channels-last format
+        where it applies."""
+        if self.channels_last and x.ndim == 4:
+            if self._format_checked:
+                x = x.contiguous(memory_format=torch.channels_last)
+            else:
+                return self._first_channels_last(module, tensors, x)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            out = functional_call(self.model if module is None else module, {**p, **b}, (x,))
-        out = _full_precision(out)
+            out = functional_call(module, tensors, (x,))
+        return _full_precision(out)
+
+    def _first_channels_last(self, module: nn.Module, tensors: Params, x: Tensor) -> Tensor:
+        """The first channels-last call: on a failure, put the buffers back (BatchNorm may have
+        updated them before the failing operation), switch the format off and run it again."""
+        saved = {n: t.clone() for n, t in tensors.items() if n not in self.layout.shapes}
+        self._format_checked = True
+        try:
+            return self.forward(module, tensors, x)
+        except RuntimeError as err:
+            for n, t in saved.items():
+                tensors[n].copy_(t)
+            self.channels_last = False
+            warnings.warn(f"the model failed on channels-last input ({str(err).splitlines()[0]}"
+                          "); running it on contiguous input (Engine(channels_last=False) "
+                          "skips the attempt)", stacklevel=2)
+            return self.forward(module, tensors, x)
+
+    def __call__(self, p: Params, b: Params, x: Tensor, y: Tensor, module: nn.Module | None = None):
+        out = self.forward(self.model if module is None else module, {**p, **b}, x)
         loss = self.loss(out, y)
         return loss, (loss.detach(), accuracy(out, y).detach())
 
@@ -113,7 +157,7 @@ class VmapBackend:
 
     def __init__(self, objective: Objective, chunk_size: int | None = None, compile: bool = False):
         self.objective, self.chunk_size, self.compiled = objective, chunk_size, compile
-        self._vmapped = vmap(grad(objective, has_aux=True), chunk_size=chunk_size,
+        self._vmapped = vmap(grad(objective.contiguous(), has_aux=True), chunk_size=chunk_size,
                              randomness="different")
         self._flat = torch.compile(self._flat_grads, dynamic=False) if compile else self._flat_grads
         # an MLP (Linear layers, elementwise modules): batched matrix products, no vmap
@@ -267,9 +311,7 @@ class OneBatchBackend:
         ob = self.objective
         m, batch = y.shape[0], y.shape[1]
         p = {n: v[0].detach().requires_grad_() for n, v in ob.layout.views(w).items()}
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=ob.precision == "bf16"):
-            out = functional_call(ob.model, p, (x.reshape(m * batch, *x.shape[2:]),))
-        out = _full_precision(out)
+        out = ob.forward(ob.model, p, x.reshape(m * batch, *x.shape[2:]))
         out = out.reshape(m, batch, *out.shape[1:])
         losses = vmap(ob.loss)(out, y)  # (m,) each worker's mean loss
         gs = torch.autograd.grad(losses.mean(), list(p.values()), materialize_grads=True)

@@ -76,6 +76,8 @@ class Engine:
     chunk_size: vmap over this many workers at a time (None: all); caps activation memory.
     precision: "fp32", or "bf16" for the forward and backward under autocast (weights, gossip
         and optimizer state stay float32).
+    channels_last: image batches into the model in channels-last memory format (faster
+        convolutions); None: for models with 2-d convolutions, except under vmap.
     algorithm_options: the named algorithm's options, e.g. ``beta`` for "qgm", ``lam`` for
         "drdsgd", ``compression`` and ``consensus_step`` for "choco" and
         "deepsqueeze", ``compression`` for "csgd" (compressed gradients with error feedback).
@@ -99,6 +101,7 @@ class Engine:
         compile: bool = False,
         chunk_size: int | None = None,
         precision: str = "fp32",
+        channels_last: bool | None = None,
         **algorithm_options: Any,
     ):
         if strategy not in STRATEGIES:
@@ -149,7 +152,8 @@ class Engine:
                      and not getattr(algorithm, "needs_worker_gradients", False)
                      and not self.b.shape[1] and not self.int_buffers
                      and not _batch_coupled(model))
-        self.backend = make_backend(strategy, Objective(model, self.layout, loss, precision),
+        objective = Objective(model, self.layout, loss, precision, channels_last)
+        self.backend = make_backend(strategy, objective,
                                     m_local=m_local, device=self.w.device,
                                     chunk_size=chunk_size, compile=compile, one_batch=one_batch)
 
