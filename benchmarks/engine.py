@@ -47,7 +47,8 @@ import time
 BATCH = 32
 SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28), "resnet8": (3, 32, 32),
           "resnet20": (3, 32, 32), "resnet18_micro": (3, 32, 32)}
-METHODS = ("vmap", "loop", "csgd1", "ref", "paper", "compile", "csgd_engine")
+METHODS = ("vmap", "loop", "csgd1", "ref", "paper", "compile", "csgd_engine", "bf16",
+           "csgd1:cl")
 DEFAULT_METHODS = METHODS[:5]  # "compile" (vmap + torch.compile) on request: it compiles first
 QUICK = {"models": ["mlp", "lenet5", "resnet8"], "workers": [1, 16, 64], "repeats": 5}
 
@@ -108,10 +109,11 @@ def _build_runner(model_name: str, m: int, method: str, device: str, image: int 
     y = torch.randint(0, classes, (m, batch), device=device)
     if method.startswith("csgd1"):
         # "csgd1:bf16": the usual mixed-precision recipe (bf16 autocast, channels-last images),
-        # to show how far below the float32 time the same FLOPs can go on this device
+        # to show how far below the float32 time the same FLOPs can go on this device;
+        # "csgd1:cl": float32 with channels-last images, as the engine runs conv nets
         bf16 = method == "csgd1:bf16"
         xb, yb = x.reshape(m * batch, *shape), y.reshape(m * batch)
-        if bf16 and xb.ndim == 4:
+        if (bf16 or method == "csgd1:cl") and xb.ndim == 4:
             model = model.to(memory_format=torch.channels_last)
             xb = xb.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -131,6 +133,9 @@ def _build_runner(model_name: str, m: int, method: str, device: str, image: int 
         return lambda: eng.step(x, y)
     if method == "csgd_engine":  # the engine's own C-SGD (all-reduce), strategy auto
         method = "csgd:auto"
+    precision = "fp32"
+    if method == "bf16":  # the engine, strategy auto, forward and backward in bf16
+        method, precision = "auto", "bf16"
     algorithm = "csgd" if method.startswith("csgd") else "dsgd"
     strategy = method.split(":")[1] if ":" in method else method
     compiled = strategy == "compile"
@@ -139,7 +144,8 @@ def _build_runner(model_name: str, m: int, method: str, device: str, image: int 
         topo = make_topology("complete", m)
     else:
         topo = make_topology(topology, m)
-    eng = Engine(model, topo, lr=0.01, strategy=strategy, algorithm=algorithm, compile=compiled)
+    eng = Engine(model, topo, lr=0.01, strategy=strategy, algorithm=algorithm, compile=compiled,
+                 precision=precision)
 
     def engine_step():
         return eng.step(x, y)
@@ -412,12 +418,18 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
     a = the engine with strategy auto; b = C-SGD on one model (csgd1)."""
     import torch
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    names = ["auto", *[m for m in methods if m not in ("auto", "csgd1", "ref", "paper")], "csgd1"]
+    engines = ["auto", *[m for m in methods if m not in ("auto", "csgd1", "csgd1:cl", "ref",
+                                                         "paper")]]
+    bases = ["csgd1", *(["csgd1:cl"] if "csgd1:cl" in methods else [])]
+    names = engines + bases
     print(f"interleaved, {_device_line(device)}: ms per step, median of {repeats} rounds "
-          f"(one step of each method per round); ratio = C-SGD time / method time")
-    wid = {n: max(9, len(n) + 2) for n in names}
+          f"(one step of each method per round); ratio = C-SGD time / method time"
+          + ("; b_cl: C-SGD with channels-last images" if len(bases) > 1 else ""))
+    ratios = [(n, "csgd1", f"{n}/b") for n in engines] + (
+        [("auto", "csgd1:cl", "auto/b_cl")] if len(bases) > 1 else [])
+    wid = {n: max(9, len(n) + 2) for n in names + [r[2] for r in ratios]}
     head = (f"| {'model':<14} | {'m':>4} | " + " | ".join(f"{n:>{wid[n]}}" for n in names)
-            + " | " + " | ".join(f"{n + '/b':>{wid[n]}}" for n in names[:-1]) + " |")
+            + " | " + " | ".join(f"{r[2]:>{wid[r[2]]}}" for r in ratios) + " |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     picks = []
@@ -438,7 +450,7 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
             ms = {n: 1e3 * statistics.median(v) for n, v in times.items()}
             print(f"| {model:<14} | {m:>4} | "
                   + " | ".join(f"{ms[n]:{wid[n]}.2f}" for n in names) + " | "
-                  + " | ".join(f"{ms['csgd1'] / ms[n]:{wid[n]}.2f}" for n in names[:-1])
+                  + " | ".join(f"{ms[b] / ms[n]:{wid[r]}.2f}" for n, b, r in ratios)
                   + " |", flush=True)
             picks.append(f"{model} m={m}: {steps['auto'].engine.backend.reason}")
     print("\n".join(picks))
