@@ -22,6 +22,6 @@ timeout 130 $py benchmarks/engine.py --device cuda --paper-projection --image 56
     2>&1 | tee "$out/projection.txt"
 timeout 200 $py benchmarks/engine.py --device cuda --workers 16 64 1 4 256 --repeats 10 \
     --step-limit 10 --budget 3 --jsonl "$out/table.jsonl" 2>&1 | tee "$out/table.txt"
-# (a)/(b) from interleaved steps, with torch.compile (launch-bound small models) beside eager
+# (a)/(b) from interleaved steps, with torch.compile (launch-bound small models) and bf16 beside eager
 timeout 240 $py benchmarks/engine.py --device cuda --interleaved --models mlp lenet5 resnet8 \
-    --workers 16 64 --methods vmap loop compile --repeats 10 2>&1 | tee "$out/interleaved.txt"
+    --workers 16 64 --methods vmap loop compile bf16 --repeats 10 2>&1 | tee "$out/interleaved.txt"

@@ -142,7 +142,7 @@ class LocalCommunicator:
     ``compile=True`` runs ``mix_add`` through ``torch.compile`` for topologies whose matrix does
     not change, so the gossip and the update can fuse into fewer passes over memory.
 
-    ``"auto"`` picks what ``benchmarks/gossip.py`` measured fastest (docs/performance.md). On
+    ``"auto"`` picks what ``benchmarks/gossip.py`` measured fastest (docs/performance-history.md). On
     CPU: shift for circulant matrices with few neighbours (``4 * deg <= m``, deg counting the
     worker itself), dense otherwise up to m = 256, sparse beyond. On GPU: dense up to m = 256
     (one GEMM beats every elementwise path there), beyond it shift or sparse. Dense is never

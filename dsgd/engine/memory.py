@@ -3,7 +3,7 @@
 Every step allocates a few (m, P) tensors (gossip output, gradients, momentum). glibc serves
 allocations above 32 MB with fresh ``mmap`` pages and returns them on free, so each step pays
 page faults for the whole working set again: at m = 256 MLP workers that was over half the
-step time on CPU (docs/performance.md). Raising glibc's mmap and trim thresholds lets freed
+step time on CPU (docs/performance-history.md). Raising glibc's mmap and trim thresholds lets freed
 blocks be reused. The ``dsgd`` command line does this at start; call it yourself in scripts
 that train many workers on CPU. It changes the allocator of the whole process (freed memory is
 kept, not returned to the system), so a library import never does it implicitly.
