@@ -76,7 +76,9 @@ COMPRESSION = Study(
           ("CHOCO top-1%", ("train.algorithm=choco", 'train.compression={name="topk", '
                             'ratio=0.01}', "train.consensus_step=0.05")),
           ("CHOCO QSGD 4-bit", ("train.algorithm=choco", 'train.compression={name="qsgd", '
-                                'levels=7}', "train.consensus_step=0.3"))),
+                                'levels=7}', "train.consensus_step=0.3")),
+          ("C-SGD top-1% (error feedback)", ("train.algorithm=csgd",
+                                             'train.compression={name="topk", ratio=0.01}'))),
     settings=(("no stragglers", ()),
               ("stragglers", ("network.stragglers=0.02", "network.straggle_steps=3",
                               "network.straggler_ms=20"))),
@@ -90,7 +92,10 @@ COMPRESSION = Study(
            "neighbours wait for it (and theirs one step later), C-SGD's all-reduce waits at once. "
            "The stragglers change the clock only, not the training.",
            "CHOCO's consensus step: 0.05 for top-1%, 0.3 for QSGD 4-bit (3 bits and a sign an "
-           "entry, one float32 norm a bucket of 512, decoded rescaled by 1 / (1 + omega))."),
+           "entry, one float32 norm a bucket of 512, decoded rescaled by 1 / (1 + omega)).",
+           "C-SGD top-1% (error feedback): each worker sends the top 1% of its gradient plus the "
+           "residual it kept; the messages travel as a ring all-gather (m - 1 hops of one "
+           "message), every worker steps with their mean."),
 )
 
 STUDIES = {s.name: s for s in (ALGORITHMS, COMPRESSION)}
