@@ -143,12 +143,13 @@ class LocalCommunicator:
     not change, so the gossip and the update can fuse into fewer passes over memory.
 
     ``"auto"`` picks what ``benchmarks/gossip.py`` measured fastest
-    (docs/performance-history.md). On CPU: shift for circulant matrices with few neighbours (``4
-    * deg <= m``, deg counting the worker itself), dense otherwise up to m = 256, sparse beyond.
-    On GPU: dense up to m = 256 (one GEMM beats every elementwise path there), beyond it shift
-    or sparse. Dense is never picked on a GPU while TF32 matrix products are allowed
+    (docs/performance-history.md). On CPU: shift for circulant matrices with few neighbours
+    (``4 * deg <= m``, deg counting the worker itself), dense otherwise up to m = 256, sparse
+    beyond. On GPU: dense up to m = 256 (one GEMM beats every elementwise path there), beyond it
+    shift or sparse. Dense is never picked on a GPU while TF32 matrix products are allowed
     (``torch.backends.cuda.matmul.allow_tf32``): their 10-bit mantissa would round the weights
-    at every gossip step and the workers' mean would drift. """
+    at every gossip step and the workers' mean would drift.
+    """
 
     MODES = ("auto", "dense", "sparse", "shift")
 
