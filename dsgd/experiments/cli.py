@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("study", choices=["algorithms", "compression"],
                     help="algorithms: C-SGD, D-SGD, gt, d2, qgm, pushsum under iid and "
                          "Dirichlet data; compression: D-SGD, CHOCO top-1%% and QSGD 4-bit, "
-                         "C-SGD on a simulated network, with and without stragglers")
+                         "C-SGD dense and top-1%% with error feedback on a simulated network, "
+                         "with and without stragglers")
     cp.add_argument("--quick", action="store_true", help="seconds-long run of the same pipeline")
     cp.add_argument("--out", help="default runs/compare-<study>")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
