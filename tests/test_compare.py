@@ -65,6 +65,9 @@ def test_compare_trains_every_cell_and_reports_it(tiny_study):
     assert (sub / "REPORT.md").is_file()
     assert (sub / "plots" / "test_acc_vs_sim_time_s.png").is_file()
     assert (sub / "plots" / "test_acc_vs_bytes_per_worker.png").is_file()
+    # the curves are labelled by arm, not by the config keys that differ
+    groups = json.loads((sub / "summary.json").read_text())
+    assert sorted(g["label"] for g in groups) == sorted(a for a, _ in study.arms)
 
 
 def test_a_rerun_trains_nothing(tiny_study):

@@ -99,12 +99,13 @@ def write_report(results: Mapping[str, Any], out: str | Path) -> Path:
                                    for a in results["arms"])]
     curves = []
     for s in results["settings"]:  # the run directories beside results.json, where present
-        runs = sorted({str(out / Path(r["run"]).parent) for r in results["runs"]
-                       if r["setting"] == s["label"] and (out / r["run"]).is_dir()})
-        if not runs:
+        arms = {str(out / Path(r["run"]).parent): r["arm"] for r in results["runs"]
+                if r["setting"] == s["label"] and (out / r["run"]).is_dir()}
+        if not arms:
             continue
-        sub = make_report(runs, out / "settings" / slug(s["label"]), title=f"{results['title']}: "
-                          f"{s['label']}", metrics=["test_acc", "train_loss", "consensus"])
+        sub = make_report(sorted(arms), out / "settings" / slug(s["label"]),
+                          title=f"{results['title']}: {s['label']}",
+                          metrics=["test_acc", "train_loss", "consensus"], labels=arms)
         curves.append(f"- [{s['label']}]({sub.relative_to(out)})")
     if curves:
         parts += ["## Curves per setting", "\n".join(curves)]

@@ -79,17 +79,25 @@ def make_report(
     by: Sequence[str] | None = None,
     reference: Mapping[str, float] | None = None,
     metrics: Sequence[str] | None = None,
+    labels: Mapping[str | os.PathLike, str] | None = None,
 ) -> Path:
     """Write ``out_dir/REPORT.md`` (with summary.json and plots/) for the runs; return its path.
 
     ``run_dirs``: run directories or folders holding runs. ``by``: dotted config keys that define
     a group (default: the whole config without seeds, names and paths). ``reference``: the
     paper's final test accuracy (%) per group label, shown beside ours. ``metrics``: the curves
-    to draw (default: every metric found).
+    to draw (default: every metric found). ``labels``: a group's label by the folder its runs
+    are in (default: made from the config).
     """
     out_dir = Path(out_dir)
     runs = find_runs(run_dirs)
     groups = group_runs(runs, by)
+    if labels:
+        named = {Path(d).resolve(): label for d, label in labels.items()}
+        for g in groups:
+            folder = next((d for d in g.runs[0].path.resolve().parents if d in named), None)
+            if folder is not None:
+                g.label = named[folder]
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = [summarize_group(g) for g in groups]
