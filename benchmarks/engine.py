@@ -492,7 +492,7 @@ def phases(models: list[str], workers: list[int], repeats: int, device: str) -> 
             eng.layout.flatten = timed("flatten", eng.layout.flatten)
             eng.optimizer = _Timed(eng.optimizer, "direction", timed)
             eng.algorithm = _Timed(eng.algorithm, "step", timed)
-            w, d = eng.w, torch.empty_like(eng.w)
+            w, d = eng.w, torch.randn_like(eng.w)
             buf = torch.empty_like(w)
             for f in (step, step, base, base):
                 f()

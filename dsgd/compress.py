@@ -32,6 +32,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from dsgd.errors import UserError
+
 
 @dataclass(frozen=True)
 class Message:
@@ -78,9 +80,12 @@ def join(messages: list[Message]) -> Message:
                    first.meta)
 
 
+_SALT = 0x5F3759DF  # keeps these streams apart from the fault draws of the same seed
+
+
 def worker_seed(seed: int, worker: int) -> int:
     """The seed of global worker ``worker``'s generator (in the range manual_seed accepts)."""
-    return (seed * 1_000_003 + worker) % 2**64
+    return ((seed ^ _SALT) * 1_000_003 + worker) % 2**64
 
 
 def generator_states(seed: int, workers: range) -> Tensor:
@@ -95,6 +100,10 @@ def compress_rows(compressor: Compressor, x: Tensor, states: Tensor) -> tuple[Me
     deterministic compressor compresses all rows in one call and leaves the states alone."""
     if not getattr(compressor, "random", True):  # one that does not say: row by row, to be safe
         return compressor.compress(x), states
+    if states.ndim != 2 or states.shape[0] != x.shape[0]:
+        raise UserError("this checkpoint holds one random-compressor stream for all workers "
+                        "(written by an older dsgd, before each worker drew its own): start "
+                        "the run afresh")
     gen, messages, after = torch.Generator(), [], []
     for row, state in zip(x.split(1), states.cpu()):  # generators live on the CPU
         gen.set_state(state.clone())  # set_state crashes on a view into a larger storage

@@ -2,6 +2,7 @@
 fallback, the timed ``auto`` choice, random ops (dropout) and the engine's input checks."""
 
 import time
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from dsgd.engine.backends import (
     OneBatchBackend,
     OutOfMemoryFallback,
     VmapBackend,
+    _intra_op_threads,
     default_strategy,
 )
 from dsgd.errors import BatchError, UserError
@@ -279,15 +281,17 @@ def test_bf16_forward_keeps_float32_state_and_tracks_float32(strategy):
 
 # ---- memory format -----------------------------------------------------------------------------
 class ViewsAfterConv(nn.Module):
-    """``x.view(x.size(0), -1)`` after a convolution: needs contiguous activations."""
+    """``x.view(x.size(0), -1)`` after a convolution: needs contiguous activations; dropout
+    before it draws random numbers on the failing attempt."""
 
-    def __init__(self):
+    def __init__(self, dropout=0.0):
         super().__init__()
         torch.manual_seed(0)
         self.conv, self.bn, self.fc = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Linear(27, 3)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
-        h = torch.relu(self.bn(self.conv(x)))
+        h = self.drop(torch.relu(self.bn(self.conv(x))))
         return self.fc(h.view(h.size(0), -1))
 
 
@@ -303,26 +307,41 @@ def test_channels_last_trains_as_contiguous_does(strategy):
         for x, y in batches((2, 5, 5), 5):
             eng.step(x, y)
         runs[cl] = eng
-    assert runs[None].backend.objective.channels_last
+    assert runs[None].objective.channels_last
     torch.testing.assert_close(runs[None].w, runs[False].w, atol=1e-5, rtol=0)
     torch.testing.assert_close(runs[None].b, runs[False].b, atol=1e-5, rtol=0)
 
 
-def test_a_model_that_needs_contiguous_activations_falls_back_once():
-    """The first channels-last call fails in ``view``; the buffers it touched are put back and
-    the run continues contiguous, bit for bit the run that never tried."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_model_that_needs_contiguous_activations_falls_back_once(threads, tmp_path):
+    """The first channels-last call fails in ``view``; the buffers it touched and the dropout
+    draws it made are put back and the run continues contiguous, bit for bit the run that never
+    tried; a run resumed from its checkpoint keeps the decision (no second attempt)."""
+    def engine(cl):
+        return Engine(ViewsAfterConv(dropout=0.3), make_topology("ring", M), lr=0.1,
+                      strategy="loop", channels_last=cl, seed=3)
+
+    data = batches((2, 5, 5), 4)
     runs = {}
-    for cl in (None, False):
-        eng = Engine(ViewsAfterConv(), make_topology("ring", M), lr=0.1, strategy="loop",
-                     channels_last=cl)
-        data = batches((2, 5, 5), 3)
-        if cl is None:
-            with pytest.warns(UserWarning, match="failed on channels-last input"):
+    with _intra_op_threads(threads):
+        for cl in (None, False):
+            eng = engine(cl)
+            if cl is None:
+                with pytest.warns(UserWarning, match="failed on channels-last input"):
+                    eng.step(*data[0])
+            else:
                 eng.step(*data[0])
-        else:
-            eng.step(*data[0])
-        for x, y in data[1:]:
-            eng.step(x, y)
-        runs[cl] = eng
-    assert not runs[None].backend.objective.channels_last
-    assert torch.equal(runs[None].w, runs[False].w) and torch.equal(runs[None].b, runs[False].b)
+            eng.step(*data[1])
+            torch.save(eng.state_dict(), tmp_path / f"{cl}.pt")
+            for x, y in data[2:]:
+                eng.step(x, y)
+            runs[cl] = eng
+        resumed = engine(None)
+        resumed.load_state_dict(torch.load(tmp_path / "None.pt", weights_only=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second attempt, no second warning
+            for x, y in data[2:]:
+                resumed.step(x, y)
+    assert not runs[None].objective.channels_last and not resumed.objective.channels_last
+    for eng in (runs[None], resumed):
+        assert torch.equal(eng.w, runs[False].w) and torch.equal(eng.b, runs[False].b)

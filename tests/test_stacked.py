@@ -29,6 +29,45 @@ class Functional(nn.Module):
         return self.b(F.gelu(self.a(x.flatten(1))))
 
 
+class Activations(nn.Module):
+    """Elementwise functions traced with keyword arguments, and tensor methods."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(torch.flatten(x, start_dim=1)), inplace=True)
+        h = F.leaky_relu(self.b(h), negative_slope=0.2).tanh()
+        return self.c(F.elu(h, alpha=0.5))
+
+
+class ModeBranch(nn.Module):
+    """A forward that branches on the mode: traced in train mode, as the engine steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 4)
+
+    def forward(self, x):
+        out = self.a(x.flatten(1))
+        return out if self.training else torch.sigmoid(out)
+
+
+def _hooked():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    model[1].register_forward_hook(lambda mod, args, out: out * 2)
+    return model
+
+
+def _weight_normed():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nn.Sequential(nn.Flatten(), nn.utils.weight_norm(nn.Linear(12, 4)))
+
+
 class Shared(nn.Module):
     """One Linear applied twice, and a layer whose output is unused (its gradient is zero)."""
 
@@ -67,6 +106,8 @@ STACKED = {
                                             nn.Dropout(0.0), nn.Linear(6, 4)),
     "sequence": lambda: nn.Sequential(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 4)),
     "shared_layer": Shared,  # one Linear called twice: its two gradient contributions add up
+    "activations": Activations,
+    "mode_branch": lambda: ModeBranch().eval(),  # built in eval mode, trained in train mode
 }
 NOT_STACKED = {
     "conv": lambda: build_model("lenet5", 4, (1, 28, 28)),
@@ -75,6 +116,8 @@ NOT_STACKED = {
     "control_flow": Branching,
     "parameter_outside_linear": Scaled,
     "attention": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Softmax(-1)),
+    "forward_hook": _hooked,  # the traced graph would not run it
+    "weight_norm": _weight_normed,  # weight_g and weight_v, no weight parameter
 }
 
 
@@ -95,6 +138,7 @@ def test_gradients_losses_and_accuracy_equal_vmap(name):
     model = STACKED[name]()
     plan = stack(model)
     assert plan is not None
+    model.train()  # as the engine's step runs it
     params = {n: p.detach() for n, p in model.named_parameters()}
     lay = Layout(params)
     w = lay.flatten(params).repeat(M, 1) + 0.3 * torch.randn(M, lay.size)  # rows differ
@@ -108,6 +152,21 @@ def test_gradients_losses_and_accuracy_equal_vmap(name):
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
     if name != "sequence":
         torch.testing.assert_close(got[2], want[2])
+
+
+def test_ignored_targets_count_as_in_cross_entropy():
+    """Targets at ignore_index (-100) leave the mean, as in each worker's F.cross_entropy."""
+    torch.manual_seed(0)
+    model = build_model("mlp", 4, (3, 4))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    lay = Layout(params)
+    w = lay.flatten(params).repeat(M, 1) + 0.3 * torch.randn(M, lay.size)
+    x, y = torch.randn(M, 7, 3, 4), torch.randint(0, 4, (M, 7))
+    y[0, :3] = -100
+    want = _reference(model, w, lay, F.cross_entropy, x, y)
+    got = StackedGradients(stack(model), lay, F.cross_entropy, accuracy).gradients(w, x, y)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
 
 
 def test_regression_loss():

@@ -11,9 +11,12 @@ et al. 2014, "1-bit SGD"; Karimireddy et al. 2019, "Error Feedback Fixes SignSGD
     u    from (1/m) sum_k c_k                         # the same on every worker
 
 so sum over steps of the decoded means plus the mean residual is the sum of the mean gradients:
-nothing is lost, only delayed. The messages travel in an all-gather (a sum of compressed
-messages is not one of them): each worker's message reaches the m - 1 others, which in a ring
-all-gather is m - 1 messages of one message's size sent per worker (``comm.mean_message``).
+nothing is lost, only delayed. The residual is kept in gradient units, before the optimizer's
+momentum and learning rate (as in 1-bit SGD and deep gradient compression; Karimireddy et al.
+compress the step lr * g + e instead, which differs when the learning rate changes). The
+messages travel in an all-gather (a sum of compressed messages is not one of them): each
+worker's message reaches the m - 1 others, which in a ring all-gather is m - 1 messages of one
+message's size sent per worker (``comm.mean_message``).
 Unbiased compressors are rescaled into contractions (``dsgd.compress.Rescaled``), as error
 feedback needs; random ones draw from each worker's own generator. Every worker needs its own
 gradient, so the engine computes them one per worker (``needs_worker_gradients``), not one

@@ -118,20 +118,31 @@ class Objective:
         return _full_precision(out)
 
     def _first_channels_last(self, module: nn.Module, tensors: Params, x: Tensor) -> Tensor:
-        """The first channels-last call: on a failure, put the buffers back (BatchNorm may have
-        updated them before the failing operation), switch the format off and run it again."""
+        """The first channels-last call: on a failure, put back the buffers (BatchNorm may have
+        updated them before the failing operation) and the random numbers it drew, and run it
+        again on contiguous input; only if that succeeds is the format switched off."""
         saved = {n: t.clone() for n, t in tensors.items() if n not in self.layout.shapes}
+        rng = _rng_state(x.device)
         self._format_checked = True
         try:
             return self.forward(module, tensors, x)
+        except torch.OutOfMemoryError:
+            self._format_checked = False
+            raise
         except RuntimeError as err:
             for n, t in saved.items():
                 tensors[n].copy_(t)
+            _set_rng_state(x.device, rng)
             self.channels_last = False
+            try:
+                out = self.forward(module, tensors, x)
+            except Exception:
+                self.channels_last, self._format_checked = True, False
+                raise
             warnings.warn(f"the model failed on channels-last input ({str(err).splitlines()[0]}"
                           "); running it on contiguous input (Engine(channels_last=False) "
                           "skips the attempt)", stacklevel=2)
-            return self.forward(module, tensors, x)
+            return out
 
     def __call__(self, p: Params, b: Params, x: Tensor, y: Tensor, module: nn.Module | None = None):
         out = self.forward(self.model if module is None else module, {**p, **b}, x)

@@ -152,8 +152,8 @@ class Engine:
                      and not getattr(algorithm, "needs_worker_gradients", False)
                      and not self.b.shape[1] and not self.int_buffers
                      and not _batch_coupled(model))
-        objective = Objective(model, self.layout, loss, precision, channels_last)
-        self.backend = make_backend(strategy, objective,
+        self.objective = Objective(model, self.layout, loss, precision, channels_last)
+        self.backend = make_backend(strategy, self.objective,
                                     m_local=m_local, device=self.w.device,
                                     chunk_size=chunk_size, compile=compile, one_batch=one_batch)
 
@@ -201,7 +201,8 @@ class Engine:
         return {"step": self.step_count, "w": self.w, "b": self.b,
                 "int_buffers": self.int_buffers, "opt_state": dict(self.opt_state._asdict()),
                 "algorithm": self.algo_state, "generator": self.generator.get_state(),
-                "random_ops": self.random_ops.get_state(), "backend": self.backend.name}
+                "random_ops": self.random_ops.get_state(), "backend": self.backend.name,
+                "channels_last": self.objective.channels_last}
 
     def load_state_dict(self, state: dict) -> None:
         if state["w"].shape != self.w.shape:
@@ -217,6 +218,10 @@ class Engine:
         self.generator.set_state(state["generator"])
         if "random_ops" in state:
             self.random_ops.set_state(state["random_ops"])
+        if "channels_last" in state:  # decided by the first step: a fallback stays
+            if not state["channels_last"]:
+                self.objective.channels_last = False
+            self.objective._format_checked = True
         choice = state.get("backend")
         if hasattr(self.backend, "select") and choice not in (None, "auto"):
             self.backend.select(choice)  # keep the measured choice: same numbers as before

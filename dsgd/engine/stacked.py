@@ -13,6 +13,7 @@ its gradients equal vmap's to float rounding (tested).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ ELEMENTWISE_FUNCTIONS = (torch.relu, torch.tanh, torch.sigmoid, nn.functional.re
                          nn.functional.gelu, nn.functional.silu, nn.functional.leaky_relu,
                          nn.functional.elu, nn.functional.softplus, nn.functional.tanh,
                          nn.functional.sigmoid)
+ELEMENTWISE_METHODS = ("relu", "tanh", "sigmoid")  # x.relu() and the like
 
 
 class _LinearStack(torch.autograd.Function):
@@ -59,7 +61,8 @@ def _worker_losses(loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor
         if out.ndim != 3 or y.ndim != 2 or y.is_floating_point():
             return vmap(loss)(out, y)  # class probabilities, or sequence outputs
         each = nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
-        return each.view(y.shape).mean(1)
+        counted = (y != -100).sum(1)  # F.cross_entropy's mean leaves out ignore_index targets
+        return each.view(y.shape).sum(1) / counted
     return cross_entropy
 
 
@@ -71,58 +74,91 @@ class Op:
     target: Any = None  # linear: the module's name; apply: the callable; flatten: (start, end)
 
 
+def _hooked(model: nn.Module) -> bool:
+    """Forward or backward hooks anywhere (the traced graph would not run them)."""
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    g = nn.modules.module
+    global_hooks = (g._global_forward_hooks, g._global_forward_pre_hooks,
+                    g._global_backward_hooks, g._global_backward_pre_hooks)
+    return any(global_hooks) or any(getattr(mod, h, None) for mod in model.modules()
+                                    for h in hooks)
+
+
+def _plain_linear(mod: nn.Module) -> bool:
+    """An nn.Linear holding exactly ``weight`` (and ``bias``): not a weight-normed or
+    parametrized one, whose parameters are stored differently."""
+    own = {n for n, _ in mod.named_parameters(recurse=False)}
+    return type(mod) is nn.Linear and "weight" in own and own <= {"weight", "bias"}
+
+
+def _constants(values) -> bool:
+    return not any(isinstance(v, fx.Node) for v in values)
+
+
 def stack(model: nn.Module) -> list[Op] | None:
     """The plan for a model of Linear layers and elementwise modules, else None."""
     layers = (nn.Linear, nn.Flatten, nn.Dropout, nn.Sequential, nn.ModuleList,
               *ELEMENTWISE_MODULES)
-    if any(True for _ in model.buffers()) or not all(isinstance(mod, layers)
-                                                     for mod in list(model.modules())[1:]):
-        return None  # decided without tracing: conv nets, attention, BatchNorm
+    if (any(True for _ in model.buffers()) or _hooked(model)
+            or not all(isinstance(mod, layers) for mod in list(model.modules())[1:])):
+        return None  # decided without tracing: conv nets, attention, BatchNorm, hooks
+    training = model.training
     try:
+        model.train()  # the graph the engine's steps run (a forward may branch on the mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = fx.symbolic_trace(model).graph
     except Exception:  # control flow, unsupported calls: not a stackable model
         return None
+    finally:
+        model.train(training)
     ops: list[Op] = []
     linear_params: set[str] = set()
     inputs = 0
     for node in graph.nodes:
-        args = tuple(a.name for a in node.args if isinstance(a, fx.Node))
         if node.op == "placeholder":
             inputs += 1
             ops.append(Op("input", node.name, ()))
-        elif node.op == "call_module":
+            continue
+        if node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                return None  # several outputs
+            ops.append(Op("output", node.name, (node.args[0].name,)))
+            continue
+        if node.op == "get_attr" or not node.args or not isinstance(node.args[0], fx.Node):
+            return None  # a parameter used outside a Linear layer, or no tensor input
+        src, rest = (node.args[0].name,), node.args[1:]
+        if not _constants(rest) or not _constants(node.kwargs.values()):
+            return None  # a second tensor input (a residual, a product)
+        if node.op == "call_module":
             mod = model.get_submodule(node.target)
-            if len(node.args) != 1 or node.kwargs:
+            if rest or node.kwargs:
                 return None
-            if isinstance(mod, nn.Linear):
-                ops.append(Op("linear", node.name, args, node.target))
+            if _plain_linear(mod):
+                ops.append(Op("linear", node.name, src, node.target))
                 linear_params |= {f"{node.target}.{n}" for n, _ in mod.named_parameters()}
             elif isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.Dropout)
                                                           and mod.p == 0):
-                ops.append(Op("apply", node.name, args, mod))
+                ops.append(Op("apply", node.name, src, mod))
             elif isinstance(mod, nn.Flatten):
-                ops.append(Op("flatten", node.name, args, (mod.start_dim, mod.end_dim)))
+                ops.append(Op("flatten", node.name, src, (mod.start_dim, mod.end_dim)))
             else:
                 return None
-        elif node.op in ("call_function", "call_method"):
-            fn = node.target
-            if fn in (torch.flatten, "flatten"):
-                given = dict(zip(("start_dim", "end_dim"), node.args[1:]), **node.kwargs)
-                start, end = given.pop("start_dim", 0), given.pop("end_dim", -1)
-                if given or not (isinstance(start, int) and isinstance(end, int)):
-                    return None
-                ops.append(Op("flatten", node.name, args[:1], (start, end)))
-            elif fn in ELEMENTWISE_FUNCTIONS and len(node.args) == 1 and not node.kwargs:
-                ops.append(Op("apply", node.name, args, fn))
-            else:
+            continue
+        fn = node.target
+        if fn in (torch.flatten, "flatten"):
+            given = dict(zip(("start_dim", "end_dim"), rest), **node.kwargs)
+            start, end = given.pop("start_dim", 0), given.pop("end_dim", -1)
+            if given or not (isinstance(start, int) and isinstance(end, int)):
                 return None
-        elif node.op == "output":
-            if len(args) != 1:
-                return None
-            ops.append(Op("output", node.name, args))
-        else:  # get_attr: a parameter used outside a Linear layer
+            ops.append(Op("flatten", node.name, src, (start, end)))
+        elif node.op == "call_function" and fn in ELEMENTWISE_FUNCTIONS:
+            ops.append(Op("apply", node.name, src,
+                          functools.partial(fn, *rest, **node.kwargs) if rest or node.kwargs
+                          else fn))
+        elif node.op == "call_method" and fn in ELEMENTWISE_METHODS and not rest:
+            ops.append(Op("apply", node.name, src, getattr(torch, fn)))
+        else:
             return None
     if inputs != 1 or linear_params != {n for n, _ in model.named_parameters()}:
         return None

@@ -92,7 +92,7 @@ def _algorithm(t: C.TrainConfig) -> str | Algorithm:
         kind = Choco if t.algorithm == "choco" else DeepSqueeze
         return kind(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
                     seed=t.seed)
-    if t.algorithm == "csgd" and t.compression:  # compressed gradients, error feedback
+    if t.algorithm == "csgd" and t.compression.get("name", "none") != "none":  # error feedback
         opts = dict(t.compression)
         return CSGD(make_compressor(opts.pop("name", "none"), **opts), seed=t.seed)
     return t.algorithm
