@@ -112,7 +112,6 @@ STACKED = {
 NOT_STACKED = {
     "conv": lambda: build_model("lenet5", 4, (1, 28, 28)),
     "batchnorm": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.BatchNorm1d(4)),
-    "dropout": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Dropout(0.5)),
     "control_flow": Branching,
     "parameter_outside_linear": Scaled,
     "attention": lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Softmax(-1)),
@@ -167,6 +166,32 @@ def test_ignored_targets_count_as_in_cross_entropy():
     got = StackedGradients(stack(model), lay, F.cross_entropy, accuracy).gradients(w, x, y)
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_masks_are_each_workers_own_and_off_in_eval_mode():
+    """Dropout draws one mask over all workers' activations: with equal weights and batches the
+    workers' gradients differ in train mode, equal vmap's exactly in eval mode, and the draws
+    come from the generator in force (the engine's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(8, 4))
+    plan = stack(model)
+    assert plan is not None
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    lay = Layout(params)
+    w = lay.flatten(params).repeat(M, 1)
+    x, y = torch.randn(1, 7, 3, 4).expand(M, -1, -1, -1), torch.randint(0, 4, (1, 7)).expand(M, -1)
+    stacked = StackedGradients(plan, lay, F.cross_entropy, accuracy)
+    model.train()
+    torch.manual_seed(5)
+    g = stacked.gradients(w, x, y)[0]
+    assert all(not torch.equal(g[0], g[j]) for j in range(1, M))
+    torch.manual_seed(5)
+    assert torch.equal(stacked.gradients(w, x, y)[0], g)  # the same draws, the same gradients
+    model.eval()
+    torch.testing.assert_close(stacked.gradients(w, x, y)[0],
+                               _reference(model, w, lay, F.cross_entropy, x, y)[0],
+                               atol=1e-6, rtol=1e-5)
 
 
 def test_regression_loss():

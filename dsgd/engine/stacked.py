@@ -2,8 +2,8 @@
 
 ``torch.func.vmap(grad(...))`` computes the m workers' gradients of a model in one pass, but for
 a small MLP its per-operation cost is a large part of the step. A model built only of
-``nn.Linear`` layers and elementwise modules (ReLU, Tanh, GELU, ...; no buffers, no random
-ops) needs none of its generality: layer l of all hosted workers is one ``torch.baddbmm`` of the
+``nn.Linear`` layers and elementwise modules (ReLU, Tanh, GELU, ..., dropout; no buffers)
+needs none of its generality: layer l of all hosted workers is one ``torch.baddbmm`` of the
 activations (m, B, in) with the workers' weights (m, out, in), and its backward is two more
 (the weight gradient in (m, out, in), the input gradient only where one is needed).
 ``stack(model)`` decides from the model's ``torch.fx`` graph whether it is such a model and
@@ -137,8 +137,10 @@ def stack(model: nn.Module) -> list[Op] | None:
             if _plain_linear(mod):
                 ops.append(Op("linear", node.name, src, node.target))
                 linear_params |= {f"{node.target}.{n}" for n, _ in mod.named_parameters()}
-            elif isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.Dropout)
-                                                          and mod.p == 0):
+            elif isinstance(mod, (*ELEMENTWISE_MODULES, nn.Dropout)):
+                # dropout on all workers' activations at once: each worker its own part of the
+                # mask (drawn from the engine's generator, as vmap's randomness="different"
+                # draws one of its own), and none in eval mode
                 ops.append(Op("apply", node.name, src, mod))
             elif isinstance(mod, nn.Flatten):
                 ops.append(Op("flatten", node.name, src, (mod.start_dim, mod.end_dim)))
