@@ -153,23 +153,30 @@ def test_choco_with_exact_messages_and_gamma_one_is_step_then_gossip_dsgd(compre
     torch.testing.assert_close(choco.w, w, atol=1e-6, rtol=0)
 
 
+def _resumed(engine, data, split, path):
+    """``a`` trained on all of ``data``, ``b`` resumed from a's checkpoint after ``split``
+    batches and trained on the rest; and a's bytes at the checkpoint."""
+    a = engine()
+    for xb, yb in data[:split]:
+        a.step(xb, yb)
+    torch.save(a.state_dict(), path)
+    sent = a.comm.bytes_sent
+    b = engine()
+    b.load_state_dict(torch.load(path, weights_only=True))
+    for xb, yb in data[split:]:
+        a.step(xb, yb)
+        b.step(xb, yb)
+    return a, b, sent
+
+
 def test_choco_top_k_trains_counts_compressed_bytes_and_resumes_bit_identically(tmp_path):
     topo = make_topology("ring", 6)
-    data = _batches(10)
 
     def engine():
         return Engine(_mlp(), topo, lr=0.1, algorithm="choco",
                       compression=RandomK(0.2), consensus_step=0.5)
 
-    a = engine()
-    for xb, yb in data[:5]:
-        a.step(xb, yb)
-    torch.save(a.state_dict(), tmp_path / "c.pt")
-    b = engine()
-    b.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
-    for xb, yb in data[5:]:
-        a.step(xb, yb)
-        b.step(xb, yb)
+    a, b, _ = _resumed(engine, _batches(10), 5, tmp_path / "c.pt")
     assert torch.equal(a.w, b.w)
     params = a.layout.size
     k = math.ceil(0.2 * params)
@@ -237,22 +244,12 @@ def test_choco_on_a_time_varying_schedule_sends_one_message_per_union_neighbour_
 
 def test_choco_time_varying_resumes_bit_identically_bytes_included(tmp_path):
     topo = _schedules()["ring-with-drops"]
-    data = _batches(8)
 
     def engine():
         return Engine(_mlp(), topo, lr=0.1, algorithm="choco", compression=RandomK(0.2),
                       consensus_step=0.5)
 
-    a = engine()
-    for xb, yb in data[:4]:
-        a.step(xb, yb)
-    torch.save(a.state_dict(), tmp_path / "c.pt")
-    b = engine()
-    b.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
-    sent = a.comm.bytes_sent
-    for xb, yb in data[4:]:
-        a.step(xb, yb)
-        b.step(xb, yb)
+    a, b, sent = _resumed(engine, _batches(8), 4, tmp_path / "c.pt")
     assert torch.equal(a.w, b.w)
     assert b.comm.bytes_sent == a.comm.bytes_sent - sent  # no copy sent twice after resuming
 

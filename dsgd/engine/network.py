@@ -102,19 +102,21 @@ class SimulatedClock:
         return torch.where(receives.any(1), torch.maximum(ready, waits)
                            + self.transfer(message_bytes), ready)
 
+    def _ring(self, ready: Tensor, hops: int, hop_bytes: float) -> Tensor:
+        """(m,) every worker ends a ring collective together: after the last one is ready,
+        ``hops`` sequential hops of ``hop_bytes`` each (none for one worker)."""
+        end = ready.max() + (hops * self.transfer(hop_bytes) if ready.shape[0] > 1 else 0.0)
+        return end.expand(ready.shape[0]).clone()
+
     def allreduce_round(self, ready: Tensor, vector_bytes: float) -> Tensor:
-        """(m,) every worker ends the ring all-reduce (reduce-scatter then all-gather) together:
-        after the last one is ready, 2 (m - 1) sequential hops of vector_bytes / m each."""
+        """The ring all-reduce (reduce-scatter then all-gather): 2 (m - 1) hops of
+        vector_bytes / m each."""
         m = ready.shape[0]
-        end = ready.max() + (2 * (m - 1) * self.transfer(vector_bytes / m) if m > 1 else 0.0)
-        return end.expand(m).clone()
+        return self._ring(ready, 2 * (m - 1), vector_bytes / m)
 
     def allgather_round(self, ready: Tensor, message_bytes: float) -> Tensor:
-        """(m,) every worker ends the ring all-gather of one message each together: after the
-        last one is ready, m - 1 sequential hops of one message."""
-        m = ready.shape[0]
-        end = ready.max() + ((m - 1) * self.transfer(message_bytes) if m > 1 else 0.0)
-        return end.expand(m).clone()
+        """The ring all-gather of one message each: m - 1 hops of one message."""
+        return self._ring(ready, ready.shape[0] - 1, message_bytes)
 
     def gossip_step(self, P: Tensor, message_bytes: float, delays: Tensor | None = None
                     ) -> Tensor:

@@ -68,7 +68,8 @@ def _worker_losses(loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # "input", "linear", "apply" (an elementwise module or function), "flatten"
+    kind: str  # "input", "linear", "apply" (an elementwise module or function), "flatten",
+    # "output"
     node: str
     args: tuple[str, ...]
     target: Any = None  # linear: the module's name; apply: the callable; flatten: (start, end)

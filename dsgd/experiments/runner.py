@@ -81,6 +81,12 @@ def topology_of(cfg: C.Config) -> Topology:
     return faulty(topo, **{"seed": t.seed, **t.faults}) if t.faults else topo
 
 
+def _compressor(t: C.TrainConfig):
+    """The compressor ``[train.compression]`` names (the identity when none)."""
+    opts = dict(t.compression)
+    return make_compressor(opts.pop("name", "none"), **opts)
+
+
 def _algorithm(t: C.TrainConfig) -> str | Algorithm:
     """The configured algorithm: its name, or an object carrying its config keys."""
     if t.algorithm == "qgm":
@@ -88,13 +94,10 @@ def _algorithm(t: C.TrainConfig) -> str | Algorithm:
     if t.algorithm == "drdsgd":
         return DRDSGD(lam=t.drdsgd_lambda)
     if t.algorithm in ("choco", "deepsqueeze"):
-        opts = dict(t.compression)
         kind = Choco if t.algorithm == "choco" else DeepSqueeze
-        return kind(make_compressor(opts.pop("name", "none"), **opts), t.consensus_step,
-                    seed=t.seed)
+        return kind(_compressor(t), t.consensus_step, seed=t.seed)
     if t.algorithm == "csgd" and t.compression.get("name", "none") != "none":  # error feedback
-        opts = dict(t.compression)
-        return CSGD(make_compressor(opts.pop("name", "none"), **opts), seed=t.seed)
+        return CSGD(_compressor(t), seed=t.seed)
     return t.algorithm
 
 
