@@ -345,3 +345,67 @@ def test_a_model_that_needs_contiguous_activations_falls_back_once(threads, tmp_
     assert not runs[None].objective.channels_last and not resumed.objective.channels_last
     for eng in (runs[None], resumed):
         assert torch.equal(eng.w, runs[False].w) and torch.equal(eng.b, runs[False].b)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight (weight tying)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid = nn.Embedding(11, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_tied_weights_get_both_uses_gradients(strategy):
+    """The slot swap ties what named_parameters() ties, as functional_call does: each worker's
+    gradient equals plain autograd's on a copy of the model holding its weights."""
+    model, m = TiedLM(), 3
+    eng = Engine(model, make_topology("ring", m), lr=0.1, strategy=strategy)
+    assert eng.layout.names == ["emb.weight", "mid.weight", "mid.bias"]
+    eng.w += 0.1 * torch.randn_like(eng.w)  # workers that differ
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (m, 4), generator=gen), torch.randint(0, 11, (m, 4), generator=gen)
+    grads, _, _ = eng.backend.gradients(eng.w, {}, x, y)
+    for j in range(m):
+        ref = eng.module(eng.worker_state(j))
+        assert ref.out.weight is ref.emb.weight
+        nn.functional.cross_entropy(ref(x[j]), y[j]).backward()
+        expect = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        torch.testing.assert_close(grads[j], expect, atol=1e-6, rtol=1e-6)
+    assert model.out.weight is model.emb.weight  # the model's own slots are back
+
+
+def test_a_failing_forward_leaves_the_models_tensors_in_place():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+            self.register_buffer("scale", torch.ones(3))
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                raise RuntimeError("no batches over 2")
+            return self.lin(x) * self.scale
+
+    model = Fails()
+    before = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    eng = Engine(model, make_topology("ring", 2), lr=0.1, strategy="loop")
+    obj = objective(eng)
+    tensors = {**eng.params, "scale": torch.zeros(2, 3)}
+    row = {n: v[0] for n, v in tensors.items()}
+    assert torch.equal(obj.forward(model, row, torch.ones(2, 5)), torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="no batches over 2"):
+        obj.forward(model, row, torch.ones(3, 5))
+    after = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    # a name that is no slot of the module goes through functional_call, as before
+    extra = {**row, "lin.nothing": torch.ones(1)}
+    out = obj.forward(model, extra, torch.ones(2, 5))
+    assert torch.equal(out, torch.func.functional_call(model, extra, (torch.ones(2, 5),)))
+    assert obj._slots[model][1] is None and not hasattr(model.lin, "nothing")
