@@ -412,18 +412,22 @@ def prototype(models: list[str], workers: list[int], repeats: int) -> None:
 
 # ---- ratios from interleaved steps in one process ------------------------------------------------
 def interleaved(models: list[str], workers: list[int], methods: list[str], repeats: int,
-                device: str) -> None:
+                device: str, block: int = 1) -> None:
     """(a)/(b) with the steps of every method alternating in one process: the machine's state
     (other load, clock) hits all methods alike, so the ratio is steadier than across processes.
-    a = the engine with strategy auto; b = C-SGD on one model (csgd1)."""
+    a = the engine with strategy auto; b = C-SGD on one model (csgd1). ``block`` > 1: each
+    round runs that many steps of a method in a row and times all but the first, so that a
+    method finds its own tensors in the cache, as in a run of it alone (with one step a round,
+    each method's step follows another's, which evicted its state)."""
     import torch
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     engines = ["auto", *[m for m in methods if m not in ("auto", "csgd1", "csgd1:cl", "ref",
                                                          "paper")]]
     bases = ["csgd1", *(["csgd1:cl"] if "csgd1:cl" in methods else [])]
     names = engines + bases
-    print(f"interleaved, {_device_line(device)}: ms per step, median of {repeats} rounds "
-          f"(one step of each method per round); ratio = C-SGD time / method time"
+    per_round = "one step" if block == 1 else f"{block} steps, the first untimed,"
+    print(f"interleaved, {_device_line(device)}: ms per step, median over {repeats} rounds "
+          f"({per_round} of each method per round); ratio = C-SGD time / method time"
           + ("; b_cl: C-SGD with channels-last images" if len(bases) > 1 else ""))
     ratios = [(n, "csgd1", f"{n}/b") for n in engines] + (
         [("auto", "csgd1:cl", "auto/b_cl")] if len(bases) > 1 else [])
@@ -442,11 +446,13 @@ def interleaved(models: list[str], workers: list[int], methods: list[str], repea
             times: dict[str, list[float]] = {n: [] for n in names}
             for _ in range(repeats):
                 for n, f in steps.items():
-                    sync()
-                    t0 = time.perf_counter()
-                    f()
-                    sync()
-                    times[n].append(time.perf_counter() - t0)
+                    for i in range(block):
+                        sync()
+                        t0 = time.perf_counter()
+                        f()
+                        sync()
+                        if i or block == 1:
+                            times[n].append(time.perf_counter() - t0)
             ms = {n: 1e3 * statistics.median(v) for n, v in times.items()}
             print(f"| {model:<14} | {m:>4} | "
                   + " | ".join(f"{ms[n]:{wid[n]}.2f}" for n in names) + " | "
@@ -622,6 +628,9 @@ def main() -> None:
     ap.add_argument("--interleaved", action="store_true",
                     help="(a)/(b) from alternating steps in one process (--models, --workers; "
                          "--methods adds vmap / loop / compile columns)")
+    ap.add_argument("--block", type=int, default=1,
+                    help="--interleaved: steps of a method in a row per round (all but the "
+                         "first timed), so that each finds its state in the cache")
     ap.add_argument("--phases", action="store_true",
                     help="where the engine step's time goes (--models, --workers)")
     ap.add_argument("--prototype", action="store_true",
@@ -668,7 +677,8 @@ def main() -> None:
         if args.phases:
             phases(args.models, args.workers, args.repeats, args.device)
         else:
-            interleaved(args.models, args.workers, args.methods, args.repeats, args.device)
+            interleaved(args.models, args.workers, args.methods, args.repeats, args.device,
+                        args.block)
         return
     if args.paper_projection:
         paper_projection(args)

@@ -131,6 +131,18 @@ def gossip_add(x: Tensor, d: Tensor, alpha: float | Tensor, plan: MixPlan) -> Te
     return out.add_(d, alpha=alpha) if isinstance(alpha, float) else out.add_(d * alpha)
 
 
+def fused_gossip_add(x: Tensor, d: Tensor, alpha: Tensor, plan: MixPlan) -> Tensor:
+    """``gossip_add`` as ``torch.compile`` traces it: a shift plan as a sum of rolled rows,
+    which compiles to one pass over x and d (the in-place slice adds of ``gossip`` compile to
+    several); ``alpha`` a 0-d tensor."""
+    if plan.mode != "shift":
+        return gossip_add(x, d, alpha, plan)
+    out = d * alpha
+    for o, w in plan.shifts:
+        out = out + w * torch.roll(x, -o, 0)  # row j reads x[(j + o) % m]
+    return out
+
+
 class LocalCommunicator:
     """All m workers in one process; ``mix`` computes ``P @ x`` in one of three ways:
 
@@ -164,7 +176,7 @@ class LocalCommunicator:
         self.mode = mode
         self._cache: tuple[tuple, MixPlan] | None = None
         self.compiled = compile and not topology.time_varying
-        self._fused = torch.compile(gossip_add, dynamic=False) if self.compiled else None
+        self._fused = torch.compile(fused_gossip_add, dynamic=False) if self.compiled else None
         self._alpha: Tensor | None = None
 
     def plan(self, step: int, like: Tensor) -> MixPlan:
@@ -211,6 +223,11 @@ class LocalCommunicator:
         plan = self.plan(step, x)
         self._count(plan, step, x.shape[1] * x.element_size() if row_bytes is None else row_bytes)
         return gossip(x, plan)
+
+    def count_mix(self, step: int, x: Tensor) -> None:
+        """Count one ``mix`` of x's rows at ``step`` that the caller computed itself (the
+        engine's compiled whole step, ``dsgd.engine.fused``)."""
+        self._count(self.plan(step, x), step, x.shape[1] * x.element_size())
 
     def _count(self, plan: MixPlan, step: int, row_bytes: int) -> None:
         self.bytes_sent += plan.sends * row_bytes
@@ -273,4 +290,4 @@ class LocalCommunicator:
 
 
 __all__ = ["Communicator", "LocalCommunicator", "MixPlan", "allgather_bytes", "allreduce_bytes",
-           "gossip", "gossip_add"]
+           "fused_gossip_add", "gossip", "gossip_add"]

@@ -26,6 +26,7 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,10 +40,11 @@ from dsgd.algorithms import Algorithm, LocalSGD, make_algorithm
 from dsgd.engine.backends import STRATEGIES, Objective, drawing_from, make_backend
 from dsgd.engine.checks import check_batch
 from dsgd.engine.comm import Communicator, LocalCommunicator
+from dsgd.engine.fused import FusedStep, fusable
 from dsgd.engine.layout import Layout
 from dsgd.errors import TrainingDiverged
 from dsgd.optim.schedule import Schedule, constant
-from dsgd.optim.sgd import SGD
+from dsgd.optim.sgd import SGD, SGDState
 from dsgd.topology import Topology, TopologyError
 
 
@@ -72,7 +74,9 @@ class Engine:
     loss: ``loss(outputs, targets)``, a mean over the batch.
     gradient_rule: optional SAM-family rule (``dsgd.optim.SAM``, ``AvgSAM``).
     seed: seeds the generators of the gradient rule and of the model's random ops (checkpointed).
-    compile: run the vmap gradient and the fused gossip + update through ``torch.compile``.
+    compile: ``torch.compile``: plain D-SGD with ``dsgd.optim.SGD`` on a fixed matrix in one
+        process, for a model without buffers, as one compiled function of the whole step
+        (``dsgd.engine.fused``); anything else as two, the vmap gradient and gossip + update.
     chunk_size: vmap over this many workers at a time (None: all); caps activation memory.
     precision: "fp32", or "bf16" for the forward and backward under autocast (weights, gossip
         and optimizer state stay float32).
@@ -156,6 +160,11 @@ class Engine:
         self.backend = make_backend(strategy, self.objective,
                                     m_local=m_local, device=self.w.device,
                                     chunk_size=chunk_size, compile=compile, one_batch=one_batch)
+        # compile: plain D-SGD's whole step as one graph, once the gradients run under vmap
+        self._fused = (FusedStep(self.objective, self.layout, self.optimizer, comm)
+                       if compile and strategy != "loop" and chunk_size is None
+                       and fusable(self) is None else None)
+        self._lr = torch.zeros((), dtype=self.w.dtype, device=self.w.device)
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -237,6 +246,8 @@ class Engine:
         x, y = check_batch(x.to(self.w.device), y.to(self.w.device), len(self.comm.workers),
                            self.loss)
         self.model.train()
+        if self._fused is not None and self.backend.name == "vmap":
+            return self._fused_step(x, y, t, lr)
         with drawing_from(self.random_ops):
             grads, loss, acc = self.backend.gradients(self.w, self.worker_buffers, x, y)
             self._check_finite(loss, t, lr)
@@ -248,6 +259,31 @@ class Engine:
                                                       lr, t)
         if self.buffer_mode == "gossip" and self.b.shape[1]:
             self.b = self.algorithm.mix_buffers(self.b, self.comm, t)
+        self.step_count += 1
+        return StepResult(loss=loss, accuracy=acc, lr=lr)
+
+    def _fused_step(self, x: Tensor, y: Tensor, t: int, lr: float) -> StepResult:
+        """The step as one compiled function (``dsgd.engine.fused``); its new weights and
+        momentum are kept only if every loss is finite. Out of memory, it gives way to the
+        backend's step (which halves its chunk) for the rest of the run."""
+        assert self._fused is not None
+        momentum = self.opt_state.momentum
+        try:
+            with drawing_from(self.random_ops):
+                w, buf, loss, acc, finite = self._fused(
+                    self.w, None if momentum is None else momentum["w"], x, y,
+                    self._lr.fill_(lr), t)
+                if not bool(finite):
+                    self._check_finite(loss, t, lr)
+        except torch.OutOfMemoryError:
+            warnings.warn("the compiled whole step ran out of memory; computing the gradients "
+                          "and the update separately from now on", stacklevel=3)
+            self._fused = None
+            return self.step(x, y)
+        self.comm.count_mix(t, self.w)
+        self.w = w
+        if buf is not None:
+            self.opt_state = SGDState(momentum={"w": buf})
         self.step_count += 1
         return StepResult(loss=loss, accuracy=acc, lr=lr)
 

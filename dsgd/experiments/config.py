@@ -89,7 +89,7 @@ class TrainConfig:
     gossip_every: int = 1  # > 1: local SGD, gossip every tau steps
     buffers: str = "gossip"  # BatchNorm statistics: gossip (mixed like weights) | local
     strategy: str = "auto"  # how the workers' gradients are computed: auto | vmap | loop
-    compile: bool = False  # torch.compile the vmap gradient (slow first step; CPU needs g++)
+    compile: bool = False  # torch.compile the step (slow first steps; CPU needs g++)
     chunk_size: int = 0  # vmap over this many workers at a time (0: all); caps activation memory
     gradient: str = "sgd"  # sgd | sam | asam | avg_sam (average-direction SAM, isotropic)
     rho: float = 0.05  # SAM/ASAM radius

@@ -42,10 +42,12 @@ class SGD:
         return SGDState(momentum=None)
 
     @torch.no_grad()
-    def direction(self, grads: Stacked, state: SGDState, params: Stacked
+    def direction(self, grads: Stacked, state: SGDState, params: Stacked, inplace: bool = True
                   ) -> tuple[Stacked, SGDState]:
         """Return ``(d, state)``: the step is ``w <- mix(w) - lr * d``. ``d`` may be ``grads``
-        itself (plain SGD); callers must not modify it in place."""
+        itself (plain SGD); callers must not modify it in place. ``inplace=False`` leaves the
+        momentum buffers given in ``state`` untouched and returns new ones (for a compiled
+        step, which commits them only after checking the loss)."""
         names = list(grads)
         g = [grads[k] for k in names]
         if self.weight_decay:
@@ -55,8 +57,11 @@ class SGD:
                 buf = [x.clone() for x in g]
             else:
                 buf = [state.momentum[k] for k in names]
-                torch._foreach_mul_(buf, self.momentum)
-                torch._foreach_add_(buf, g)
+                if inplace:
+                    torch._foreach_mul_(buf, self.momentum)
+                    torch._foreach_add_(buf, g)
+                else:
+                    buf = torch._foreach_add(torch._foreach_mul(buf, self.momentum), g)
             state = SGDState(momentum=dict(zip(names, buf)))
             d = torch._foreach_add(g, buf, alpha=self.momentum) if self.nesterov else buf
         else:
